@@ -1,0 +1,1 @@
+"""Thin entrypoints: parse config, connect to Ray, call one library function, say where outputs went."""

@@ -1,0 +1,323 @@
+"""Typed configuration: one dataclass per stage, YAML presets, ``key=value`` overrides.
+
+A config is built in three layers, each overriding the one before:
+
+1. the dataclass defaults below (the schema),
+2. a YAML preset, which may name the file it extends with ``base: other.yaml``,
+3. ``key=value`` overrides from the command line (OmegaConf dotlist syntax).
+
+Everything is validated before Ray starts: an unknown key, a wrong type or an out-of-range value
+raises :class:`ConfigError` with a message that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CIFAR10_ANIMALS = ["bird", "cat", "deer", "dog", "frog", "horse"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says how."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StorageConfig:
+    # A local folder, or s3://bucket/prefix. Credentials come from the standard AWS chain.
+    root: str = "outputs"
+    # Endpoint for S3-compatible servers (MinIO, moto, Ceph); None uses AWS or $AWS_ENDPOINT_URL.
+    s3_endpoint_url: Optional[str] = None
+    s3_region: Optional[str] = None
+
+
+@dataclass
+class RayConfig:
+    # None: join the cluster named by $RAY_ADDRESS (set by `ray job submit`) or start a local one.
+    address: Optional[str] = None
+    # Logical CPUs of a local cluster; more than the cores so a two-stage pipeline never stalls.
+    local_num_cpus: int = 4
+
+
+@dataclass
+class PromptsConfig:
+    classes: List[str] = field(default_factory=lambda: list(CIFAR10_ANIMALS))
+    per_class: int = 6000
+    # "{cls}" is replaced by the class name, "{env}" by an environment, "{style}" by a style.
+    templates: List[str] = field(
+        default_factory=lambda: [
+            "a photo of a {cls} {env}, {style}",
+            "a close-up photo of a {cls} {env}, {style}",
+            "a {cls} {env}, {style}",
+            "a side view of a {cls} {env}, {style}",
+            "a {cls} seen from a distance {env}, {style}",
+            "a young {cls} {env}, {style}",
+            "a wild {cls} {env}, {style}",
+            "a full-body shot of a {cls} {env}, {style}",
+        ]
+    )
+    environments: List[str] = field(
+        default_factory=lambda: [
+            "in a forest",
+            "in a grassy field",
+            "on a snowy hill",
+            "near a river",
+            "in a backyard",
+            "on a farm",
+            "in the city",
+            "on a beach",
+            "in tall reeds",
+            "indoors",
+            "at dusk",
+            "in the rain",
+        ]
+    )
+    styles: List[str] = field(
+        default_factory=lambda: [
+            "natural light",
+            "overcast day",
+            "telephoto lens",
+            "wide-angle lens",
+            "shallow depth of field",
+            "amateur snapshot",
+            "low resolution photo",
+            "golden hour",
+        ]
+    )
+    # Hard cases real photographs contain: occlusion, odd viewpoints, clutter, bad light.
+    adversarial_templates: List[str] = field(
+        default_factory=lambda: [
+            "a {cls} partly hidden behind leaves",
+            "a blurry photo of a {cls} in motion",
+            "a {cls} far away in a cluttered scene",
+            "a {cls} photographed from directly above",
+            "a {cls} in very dim light at night",
+            "a cropped photo showing only part of a {cls}",
+            "a {cls} with an unusual coat color",
+            "a grainy black and white photo of a {cls}",
+        ]
+    )
+    adversarial_fraction: float = 0.1
+    negative_prompt: str = "text, watermark, cartoon, drawing, multiple animals, deformed"
+
+
+@dataclass
+class GenerateConfig:
+    # "diffusers": a text-to-image pipeline loaded with from_pretrained.
+    # "class_aware_test": draws a class-specific pattern (tests; proves labels survive the chain).
+    generator: str = "diffusers"
+    # Hugging Face model id or a local folder written by save_pretrained.
+    model: str = "stabilityai/sd-turbo"
+    steps: int = 1
+    guidance_scale: float = 0.0
+    # Resolution the diffusion model renders at.
+    height: int = 512
+    width: int = 512
+    # Resolution stored in the dataset (CIFAR-sized by default).
+    image_size: int = 32
+    keep_full_resolution: bool = False
+    dtype: str = "bfloat16"  # bfloat16 | float16 | float32 (float32 is used on CPU regardless)
+    # Images per pipeline call inside an actor.
+    batch_size: int = 32
+    # Actor pool: size and GPUs per actor ("auto" number: 1 if the cluster has GPUs, else 0).
+    num_actors: int = 1
+    num_gpus_per_actor: Optional[float] = None
+    # Images per storage shard: the unit of resumption and of atomic writes.
+    shard_size: int = 128
+
+
+@dataclass
+class DatasetConfig:
+    # Real photographs: "cifar10" (the official python-format archive) or "folder"
+    # (<real_path>/<split>/<class>/*.png|jpg with split in train/test).
+    real_source: str = "cifar10"
+    # Local path or s3:// URI: cifar-10-python.tar.gz, its extracted cifar-10-batches-py folder,
+    # or an image-folder root. None with download=true: torchvision's downloader into download_dir.
+    real_path: Optional[str] = None
+    download: bool = False
+    download_dir: str = ".cache/data"
+    # Synthetic splits carved from the generate manifest, per class, mirroring CIFAR's 5,000/1,000.
+    synthetic_train_per_class: int = 5000
+    synthetic_test_per_class: int = 1000
+    # Share of each training split held out for model selection and tuning (never a test split).
+    val_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 1
+    use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
+
+
+@dataclass
+class Config:
+    run: str = "default"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+_BASE_KEY = "base"
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
+    """The YAML files from the root of the ``base:`` chain down to ``path``."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config files extend each other in a loop: {' -> '.join(map(str, seen + (path,)))}")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass a path such as configs/smoke.yaml")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, not a list or value")
+    chain: list[DictConfig] = []
+    if _BASE_KEY in node:
+        base = Path(str(node.pop(_BASE_KEY)))
+        chain = _read_yaml_chain(base if base.is_absolute() else path.parent / base, seen + (path,))
+    return chain + [node]
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(exc).splitlines()[0]
+    if "Key" in type(exc).__name__ or "not in struct" in msg or "Missing key" in msg:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        valid = _valid_keys(parent)
+        return ConfigError(
+            f"unknown config key {key!r} (from {source}); valid keys under {parent or 'the top level'!r}: "
+            f"{', '.join(valid)}. Fix the spelling or remove it."
+        )
+    return ConfigError(f"bad value for config key {key!r} (from {source}): {msg}. Fix: give a value of the declared type.")
+
+
+def _valid_keys(dotted_parent: str) -> list[str]:
+    node: Any = OmegaConf.structured(Config)
+    for part in [p for p in dotted_parent.split(".") if p]:
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    return sorted(node.keys()) if isinstance(node, DictConfig) else sorted(OmegaConf.structured(Config).keys())
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Build and validate a :class:`Config` from a YAML preset and ``key=value`` overrides."""
+    merged: DictConfig = OmegaConf.structured(Config)
+    layers: list[tuple[str, DictConfig]] = []
+    if path is not None:
+        for node in _read_yaml_chain(Path(path)):
+            layers.append((str(path), node))
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. generate.batch_size=16)")
+    if overrides:
+        try:
+            layers.append(("the command line", OmegaConf.from_dotlist(list(overrides))))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"cannot parse command-line overrides {list(overrides)}: {exc}") from exc
+    for source, node in layers:
+        try:
+            merged = OmegaConf.merge(merged, node)
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, source) from exc
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, "the merged config") from exc
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: ranges and cross-field rules the types cannot express
+# --------------------------------------------------------------------------------------------
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+GENERATORS = ("diffusers", "class_aware_test")
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _require(ok: bool, key: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {fix}")
+
+
+def class_slug(name: str) -> str:
+    """The id-safe form of a class name: 'oil painting' -> 'oil-painting'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.strip().lower()).strip("-")
+
+
+def validate(cfg: Config) -> None:
+    _require(bool(_RUN_NAME.match(cfg.run)), "run", cfg.run, "use letters, digits, '.', '_' or '-' (at most 100)")
+    _require(bool(cfg.storage.root.strip()), "storage.root", cfg.storage.root, "give a local folder or s3://bucket/prefix")
+    _require(cfg.ray.local_num_cpus >= 1, "ray.local_num_cpus", cfg.ray.local_num_cpus, "must be at least 1")
+
+    p = cfg.prompts
+    _require(len(p.classes) > 0, "prompts.classes", p.classes, "give at least one class, e.g. prompts.classes=[cat,dog]")
+    slugs = [class_slug(c) for c in p.classes]
+    _require(all(slugs), "prompts.classes", p.classes, "every class name needs at least one letter or digit")
+    _require(
+        len(set(slugs)) == len(slugs),
+        "prompts.classes",
+        p.classes,
+        "class names must be distinct (ignoring case and punctuation)",
+    )
+    _require(p.per_class >= 1, "prompts.per_class", p.per_class, "must be at least 1")
+    _require(len(p.templates) > 0, "prompts.templates", p.templates, "give at least one template")
+    for key, templates in (("prompts.templates", p.templates), ("prompts.adversarial_templates", p.adversarial_templates)):
+        for t in templates:
+            _require("{cls}" in t, key, t, "every template must contain {cls} so the prompt names its class")
+    _require(len(p.environments) > 0, "prompts.environments", p.environments, "give at least one environment (\"\" is allowed)")
+    _require(len(p.styles) > 0, "prompts.styles", p.styles, "give at least one style (\"\" is allowed)")
+    _require(0.0 <= p.adversarial_fraction <= 1.0, "prompts.adversarial_fraction", p.adversarial_fraction, "must be in [0, 1]")
+    _require(
+        p.adversarial_fraction == 0.0 or len(p.adversarial_templates) > 0,
+        "prompts.adversarial_templates",
+        p.adversarial_templates,
+        "give adversarial templates or set prompts.adversarial_fraction=0",
+    )
+
+    g = cfg.generate
+    _require(g.generator in GENERATORS, "generate.generator", g.generator, f"choose one of {', '.join(GENERATORS)}")
+    _require(bool(g.model.strip()), "generate.model", g.model, "give a Hugging Face model id or a local folder")
+    _require(1 <= g.steps <= 1000, "generate.steps", g.steps, "must be in [1, 1000]")
+    _require(0.0 <= g.guidance_scale <= 50.0, "generate.guidance_scale", g.guidance_scale, "must be in [0, 50]")
+    for key, v in (("generate.height", g.height), ("generate.width", g.width)):
+        _require(8 <= v <= 4096 and v % 8 == 0, key, v, "must be a multiple of 8 in [8, 4096]")
+    _require(4 <= g.image_size <= 4096, "generate.image_size", g.image_size, "must be in [4, 4096]")
+    _require(g.dtype in DTYPES, "generate.dtype", g.dtype, f"choose one of {', '.join(DTYPES)}")
+    _require(g.batch_size >= 1, "generate.batch_size", g.batch_size, "must be at least 1")
+    _require(g.num_actors >= 1, "generate.num_actors", g.num_actors, "must be at least 1")
+    _require(
+        g.num_gpus_per_actor is None or 0.0 <= g.num_gpus_per_actor <= 8.0,
+        "generate.num_gpus_per_actor",
+        g.num_gpus_per_actor,
+        "must be in [0, 8], or null to use 1 when the cluster has GPUs and 0 otherwise",
+    )
+    _require(1 <= g.shard_size <= 100_000, "generate.shard_size", g.shard_size, "must be in [1, 100000]")

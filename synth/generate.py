@@ -1,0 +1,443 @@
+"""The generate stage: Ray Data maps a text-to-image generator over the prompt table, exactly once.
+
+Exactly-once design. Ray retries crashed work (at-least-once) and Ray Data's own writers append
+under fresh names, so this stage never relies on either for correctness:
+
+1. The prompt table, sorted by id, is cut into fixed **shards** of ``generate.shard_size`` rows.
+   Shard ``k`` always holds the same ids and is stored at the same key,
+   ``<run>/generate/shards/shard-0000k.parquet``, written atomically (see ``synth.storage``).
+2. A run (or rerun) lists the shards already present and feeds only the missing ones to Ray Data:
+   one dataset row per shard -> ``ShardGenerator`` actors (the model loads once per actor) ->
+   ``write_shards`` tasks (PNG encoding and the atomic write, on CPUs, off the GPU's path).
+   A retried shard rewrites the same bytes to the same key, so retries cannot duplicate.
+3. When every shard exists, the driver reads their metadata columns and writes the manifest,
+   checking that it lists every planned id exactly once; then ``summary.json``.
+4. ``plan.json`` pins what the shards were made with; a rerun with a different plan is refused
+   rather than mixing two datasets under one run name.
+
+A generator is any object with ``generate(prompts, negatives, seeds) -> GeneratedImages``:
+``DiffusersGenerator`` (a diffusers pipeline from ``from_pretrained``) or
+``ClassAwareTestGenerator`` (class-dependent patterns, for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from synth.config import Config, ConfigError, GenerateConfig, class_slug
+from synth.storage import Layout, Storage
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = [
+    "id", "label", "class_name", "prompt", "negative", "seed", "technique", "model", "width", "height", "shard",
+]  # fmt: skip
+
+
+@dataclass
+class GeneratedImages:
+    small: np.ndarray  # (N, S, S, 3) uint8 at generate.image_size
+    full: Optional[np.ndarray] = None  # (N, H, W, 3) uint8 at the model's resolution, if kept
+
+
+# --------------------------------------------------------------------------------------------
+# Generators
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_model(model: str) -> str:
+    """Check, before Ray starts, that ``model`` can be loaded; returns it unchanged.
+
+    A local folder must hold a ``model_index.json``; a Hugging Face id must be in the local cache
+    or the Hub must be reachable.
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ConfigError(
+                f"generate.model={model!r} is a folder without model_index.json; "
+                "point it at a folder written by DiffusionPipeline.save_pretrained"
+            )
+        return str(path.resolve())
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ConfigError(
+            f"generate.model={model!r} is neither an existing folder nor a Hugging Face id like 'stabilityai/sd-turbo'"
+        )
+    from huggingface_hub import model_info, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        return model
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        reason = "HF_HUB_OFFLINE is set and the model is not in the local Hugging Face cache"
+    else:
+        try:
+            model_info(model, timeout=15)
+            return model
+        except Exception as exc:  # network errors, 401/404 from the Hub
+            reason = f"the Hugging Face Hub could not be reached or refused it ({type(exc).__name__})"
+    raise ConfigError(
+        f"cannot load generate.model={model!r}: {reason}. Fix: download it where the Hub is reachable "
+        "(huggingface-cli download, or DiffusionPipeline.from_pretrained(...).save_pretrained(folder)) "
+        "and pass generate.model=<that folder>, or make the Hub reachable from every node"
+    )
+
+
+class DiffusersGenerator:
+    """A diffusers text-to-image pipeline, loaded once; the whole image path stays on the device."""
+
+    def __init__(self, cfg: GenerateConfig):
+        import torch
+        from diffusers import AutoPipelineForText2Image
+
+        self.cfg = cfg
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Half precision only where it is fast and supported; CPU inference stays in float32.
+        dtype = getattr(torch, cfg.dtype) if self.device.type == "cuda" else torch.float32
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+        self.pipe = AutoPipelineForText2Image.from_pretrained(cfg.model, dtype=dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        if getattr(self.pipe, "safety_checker", None) is not None:
+            self.pipe.safety_checker = None  # 32 px classifier data; the checker blacks out images
+        self.pipe.to(self.device)
+        if self.device.type == "cuda":
+            for name in ("unet", "vae", "transformer"):
+                module = getattr(self.pipe, name, None)
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
+
+    def generate(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int]) -> GeneratedImages:
+        import torch
+        import torch.nn.functional as F
+
+        cfg = self.cfg
+        # One generator per image: an image depends only on its own seed, not on its batch.
+        generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+        with torch.inference_mode():
+            images = self.pipe(
+                prompt=list(prompts),
+                # Negative prompts only act through classifier-free guidance (scale > 1).
+                negative_prompt=list(negatives) if cfg.guidance_scale > 1.0 else None,
+                num_inference_steps=cfg.steps,
+                guidance_scale=cfg.guidance_scale,
+                height=cfg.height,
+                width=cfg.width,
+                generator=generators,
+                output_type="pt",
+            ).images  # (B, 3, H, W) in [0, 1], on the device
+            images = images.float().clamp_(0, 1)
+            small = F.interpolate(images, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True)
+            small_u8 = _to_uint8_hwc(small)
+            full_u8 = _to_uint8_hwc(images) if cfg.keep_full_resolution else None
+        return GeneratedImages(small=small_u8, full=full_u8)
+
+
+def _to_uint8_hwc(x) -> np.ndarray:
+    # (B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8, converted on the device
+    return (x * 255).round_().to(dtype=__import__("torch").uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+class ClassAwareTestGenerator:
+    """Draws class-dependent patterns (see ``synth.testkit``), reading the class from the prompt.
+
+    For tests only: it proves labels and ids survive prompts -> generate -> dataset -> train,
+    because a prompt/label mix-up anywhere makes the trained classifier fail.
+    """
+
+    def __init__(self, cfg: GenerateConfig, classes: Sequence[str]):
+        self.cfg, self.classes = cfg, list(classes)
+
+    def generate(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int]) -> GeneratedImages:
+        from synth.testkit import class_pattern_image, find_class
+
+        size = self.cfg.image_size
+        small = np.stack([class_pattern_image(find_class(p, self.classes), int(s), size) for p, s in zip(prompts, seeds)])
+        full = None
+        if self.cfg.keep_full_resolution:
+            full = np.stack(
+                [class_pattern_image(find_class(p, self.classes), int(s), self.cfg.height) for p, s in zip(prompts, seeds)]
+            )
+        return GeneratedImages(small=small, full=full)
+
+
+def build_generator(cfg: GenerateConfig, classes: Sequence[str]):
+    if cfg.generator == "diffusers":
+        return DiffusersGenerator(cfg)
+    if cfg.generator == "class_aware_test":
+        return ClassAwareTestGenerator(cfg, classes)
+    raise ConfigError(f"generate.generator={cfg.generator!r} is unknown")
+
+
+def model_name(cfg: GenerateConfig) -> str:
+    return cfg.model if cfg.generator == "diffusers" else cfg.generator
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Data stages: one row per shard
+# --------------------------------------------------------------------------------------------
+
+
+class ShardGenerator:
+    """Ray Data callable class: the generator loads once per actor in ``__init__``."""
+
+    def __init__(self, cfg: GenerateConfig, classes: Sequence[str]):
+        self.cfg = cfg
+        self.generator = build_generator(cfg, classes)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {k: [] for k in ("shard", "rows", "pixels", "full_pixels", "generate_seconds")}
+        for shard, rows_json in zip(batch["shard"], batch["rows"]):
+            start = time.perf_counter()
+            rows = json.loads(rows_json)
+            prompts = [r["prompt"] for r in rows]
+            negatives = [r["negative"] for r in rows]
+            seeds = [r["seed"] for r in rows]
+            smalls, fulls = [], []
+            for i in range(0, len(rows), self.cfg.batch_size):
+                images = self.generator.generate(
+                    prompts[i : i + self.cfg.batch_size],
+                    negatives[i : i + self.cfg.batch_size],
+                    seeds[i : i + self.cfg.batch_size],
+                )
+                smalls.append(images.small)
+                if images.full is not None:
+                    fulls.append(images.full)
+            out["shard"].append(int(shard))
+            out["rows"].append(rows_json)
+            out["pixels"].append(_pack(np.concatenate(smalls)))
+            out["full_pixels"].append(_pack(np.concatenate(fulls)) if fulls else b"")
+            out["generate_seconds"].append(time.perf_counter() - start)
+        return {
+            "shard": np.array(out["shard"], dtype=np.int64),
+            "rows": np.array(out["rows"], dtype=object),
+            "pixels": np.array(out["pixels"], dtype=object),
+            "full_pixels": np.array(out["full_pixels"], dtype=object),
+            "generate_seconds": np.array(out["generate_seconds"], dtype=np.float64),
+        }
+
+
+def _pack(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def shard_table(rows: Sequence[dict], pixels: np.ndarray, shard: int, cfg: GenerateConfig) -> pa.Table:
+    """The stored form of one shard: the manifest columns plus PNG bytes."""
+    return pa.table(
+        {
+            "id": [r["id"] for r in rows],
+            "label": pa.array([int(r["label"]) for r in rows], pa.int32()),
+            "class_name": [r["class_name"] for r in rows],
+            "prompt": [r["prompt"] for r in rows],
+            "negative": [r["negative"] for r in rows],
+            "seed": pa.array([int(r["seed"]) for r in rows], pa.int64()),
+            "technique": [r["technique"] for r in rows],
+            "model": [model_name(cfg)] * len(rows),
+            "width": pa.array([pixels.shape[2]] * len(rows), pa.int32()),
+            "height": pa.array([pixels.shape[1]] * len(rows), pa.int32()),
+            "shard": pa.array([shard] * len(rows), pa.int32()),
+            "image": pa.array([encode_png(img) for img in pixels], pa.binary()),
+        }
+    )
+
+
+def write_shards(batch: dict[str, np.ndarray], storage: Storage, run: str, cfg: GenerateConfig) -> dict[str, np.ndarray]:
+    """Ray Data task: encode and atomically write each shard (full-resolution PNGs first)."""
+    layout = Layout(run)
+    counts = []
+    for shard, rows, pixels, full in zip(batch["shard"], batch["rows"], batch["pixels"], batch["full_pixels"]):
+        rows = json.loads(rows)
+        small = _unpack(pixels)
+        if len(small) != len(rows):
+            raise RuntimeError(f"shard {shard}: generator returned {len(small)} images for {len(rows)} prompts")
+        if full:
+            for row, img in zip(rows, _unpack(full)):
+                storage.write_bytes(layout.generate_full_image(class_slug(row["class_name"]), row["id"]), encode_png(img))
+        # The shard object is written last: its presence means the whole shard is done.
+        storage.write_parquet(layout.generate_shard(int(shard)), shard_table(rows, small, int(shard), cfg))
+        counts.append(len(rows))
+    return {
+        "shard": batch["shard"],
+        "images": np.array(counts, dtype=np.int64),
+        "generate_seconds": batch["generate_seconds"],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def plan_for(cfg: Config, prompts: pa.Table) -> dict:
+    """Everything the stored images depend on; a rerun must match it exactly."""
+    g = cfg.generate
+    digest = hashlib.sha256()
+    for name in ("id", "label", "prompt", "negative", "seed"):
+        digest.update("\x1e".join(map(str, prompts.column(name).to_pylist())).encode())
+    return {
+        "prompt_table_sha256": digest.hexdigest(),
+        "images": prompts.num_rows,
+        "shard_size": g.shard_size,
+        "generator": g.generator,
+        "model": model_name(g),
+        "steps": g.steps,
+        "guidance_scale": g.guidance_scale,
+        "height": g.height,
+        "width": g.width,
+        "image_size": g.image_size,
+        "dtype": g.dtype,
+        "keep_full_resolution": g.keep_full_resolution,
+    }
+
+
+def shard_rows(prompts: pa.Table, shard_size: int) -> list[list[dict]]:
+    """Rows of each shard: the table sorted by id, cut every ``shard_size`` rows."""
+    rows = prompts.sort_by("id").to_pylist()
+    return [rows[i : i + shard_size] for i in range(0, len(rows), shard_size)]
+
+
+def existing_shards(storage: Storage, layout: Layout) -> set[int]:
+    found = set()
+    for key in storage.list(layout.generate_shards):
+        name = key.rsplit("/", 1)[-1]
+        if name.startswith("shard-") and name.endswith(".parquet"):
+            found.add(int(name[len("shard-") : -len(".parquet")]))
+    return found
+
+
+def _check_plan(storage: Storage, layout: Layout, plan: dict) -> None:
+    if not storage.exists(layout.generate_plan):
+        storage.write_json(layout.generate_plan, plan)
+        return
+    stored = storage.read_json(layout.generate_plan)
+    changed = sorted(k for k in set(plan) | set(stored) if plan.get(k) != stored.get(k))
+    if changed:
+        details = ", ".join(f"{k}: stored {stored.get(k)!r} vs now {plan.get(k)!r}" for k in changed)
+        raise ConfigError(
+            f"run {layout.run!r} already holds images made with a different plan ({details}). "
+            f"Fix: choose a new run name (run=...) or delete {storage.uri(layout.stage('generate'))}"
+        )
+
+
+def run_ray_generation(
+    storage: Storage, run: str, g: GenerateConfig, classes: Sequence[str], todo: list[tuple[int, list[dict]]]
+) -> list[dict]:
+    """Generate and write the given shards with Ray Data; returns one result row per shard."""
+    import ray
+    import ray.data
+    num_gpus = g.num_gpus_per_actor
+    if num_gpus is None:
+        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    # Rows travel as JSON text: one small string column instead of nested Arrow structs.
+    items = [{"shard": k, "rows": json.dumps(rows)} for k, rows in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        ShardGenerator,
+        fn_constructor_args=(g, list(classes)),
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=g.num_actors),
+        num_gpus=num_gpus,
+        # A CPU actor still needs a CPU slot; a GPU actor's CPU work is light.
+        num_cpus=1 if num_gpus == 0 else 0.5,
+        max_restarts=4,
+        max_task_retries=4,
+    )
+    ds = ds.map_batches(write_shards, fn_kwargs={"storage": storage, "run": run, "cfg": g}, batch_size=1, num_cpus=0.5)
+    return list(ds.iter_rows())
+
+
+def build_manifest(storage: Storage, layout: Layout, expected_ids: Sequence[str], n_shards: int) -> pa.Table:
+    """Concatenate the shards' metadata; every planned id exactly once, every shard present."""
+    tables = [storage.read_parquet(layout.generate_shard(k), columns=MANIFEST_COLUMNS) for k in range(n_shards)]
+    manifest = pa.concat_tables(tables).sort_by("id")
+    ids = manifest.column("id").to_pylist()
+    if ids != sorted(expected_ids):
+        dupes = len(ids) - len(set(ids))
+        missing = len(set(expected_ids) - set(ids))
+        extra = len(set(ids) - set(expected_ids))
+        raise RuntimeError(f"shards disagree with the plan: {dupes} duplicate, {missing} missing, {extra} unexpected ids")
+    return manifest
+
+
+def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
+    """Run (or resume) the generate stage; returns the summary that is also stored."""
+    from synth.prompts import ensure_prompt_table
+    from synth.runtime import init_ray, write_stage_config, write_stage_summary
+
+    start = time.perf_counter()
+    storage = storage or Storage.from_config(cfg.storage)
+    layout = Layout(cfg.run)
+
+    # 1. Fail fast on anything that would waste a cluster: storage, model, plan.
+    storage.check_writable()
+    gen_cfg = cfg.generate
+    if gen_cfg.generator == "diffusers":
+        # Actors load the resolved path; the plan keeps the name as given, so cwd does not matter.
+        gen_cfg = dataclasses.replace(gen_cfg, model=resolve_model(gen_cfg.model))
+    prompts = ensure_prompt_table(cfg, storage)
+    plan = plan_for(cfg, prompts)
+    _check_plan(storage, layout, plan)
+    write_stage_config(storage, cfg, "generate")
+    removed = storage.remove_partials(layout.stage("generate"))
+
+    # 2. Only the shards that are not already stored.
+    shards = shard_rows(prompts, cfg.generate.shard_size)
+    done = existing_shards(storage, layout)
+    todo = [(k, rows) for k, rows in enumerate(shards) if k not in done]
+    log.info("generate: %d shards planned, %d stored, %d to make", len(shards), len(done), len(todo))
+
+    # 3. Generate them on Ray.
+    results: list[dict] = []
+    gen_start = time.perf_counter()
+    if todo:
+        init_ray(cfg.ray)
+        results = run_ray_generation(storage, cfg.run, gen_cfg, cfg.prompts.classes, todo)
+    gen_seconds = time.perf_counter() - gen_start
+    made = int(sum(r["images"] for r in results))
+
+    # 4. The manifest, checked against the plan, then the summary.
+    manifest = build_manifest(storage, layout, prompts.column("id").to_pylist(), len(shards))
+    storage.write_parquet(layout.generate_manifest, manifest)
+    per_class = {c: int(n) for c, n in zip(*np.unique(manifest.column("class_name").to_numpy(zero_copy_only=False), return_counts=True))}
+    summary = {
+        "images_total": manifest.num_rows,
+        "images_per_class": per_class,
+        "shards_total": len(shards),
+        "shards_already_stored": len(done),
+        "shards_generated": len(results),
+        "images_generated": made,
+        "partial_writes_removed": removed,
+        "generation_wall_seconds": round(gen_seconds, 3),
+        "images_per_second": round(made / gen_seconds, 3) if made else 0.0,
+        "actor_generate_seconds": round(float(sum(r["generate_seconds"] for r in results)), 3),
+        "wall_seconds": round(time.perf_counter() - start, 3),
+        "manifest": storage.uri(layout.generate_manifest),
+        "plan": plan,
+    }
+    return write_stage_summary(storage, cfg, "generate", summary)

@@ -1,0 +1,171 @@
+"""Small stand-ins for what cannot be downloaded here: random-weight models and class-aware images.
+
+- :func:`build_tiny_random_sd_pipeline` writes a real diffusers Stable Diffusion pipeline (UNet,
+  VAE, CLIP text encoder and tokenizer, scheduler) built from tiny configs with **random weights**
+  to a folder with ``save_pretrained``. It exercises exactly the code path of a real model
+  (``from_pretrained``, per-image generators, dtype, resize), and renders noise.
+- :func:`class_pattern_image` draws a 32x32-ish image whose colours and stripes depend on the
+  class, with seed-dependent jitter and noise. The ``class_aware_test`` generator and the real-data
+  fixtures use it, so a classifier trained on one and tested on the other is far above chance only
+  if labels and ids survived the whole chain.
+
+Usage: ``python -m synth.testkit tiny-sd <folder>``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+# -- tiny random Stable Diffusion ------------------------------------------------------------
+
+
+def _byte_level_vocab() -> dict[str, int]:
+    """CLIP's byte-to-unicode alphabet, alone and as word ends: every string tokenizes, no <unk>."""
+    # GPT-2/CLIP byte-to-unicode table: printable bytes map to themselves, the rest above 255.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    chars = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def build_tiny_clip_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(_byte_level_vocab()))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+
+
+def build_tiny_random_sd_pipeline(out: str | Path, seed: int = 0) -> Path:
+    """Write a random-weight Stable Diffusion pipeline (~1 MB) to ``out``; returns the folder."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    # Four VAE blocks give the real model's 8x downsampling: 64 px images use 8x8 latents.
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=64,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tiny_clip_tokenizer(Path(tmp))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing"
+        )
+        pipe = StableDiffusionPipeline(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(out)
+    return out
+
+
+# -- class-aware images ----------------------------------------------------------------------
+
+# Distinct, saturated colours; flips and crops keep both the colour and the stripe direction.
+_PALETTE = np.array(
+    [
+        [230, 60, 50],
+        [50, 170, 60],
+        [50, 90, 220],
+        [240, 200, 40],
+        [170, 60, 200],
+        [40, 200, 210],
+        [240, 130, 30],
+        [120, 120, 120],
+        [250, 250, 250],
+        [20, 20, 20],
+    ],
+    dtype=np.float32,
+)
+
+
+def class_pattern_image(label: int, seed: int, size: int = 32) -> np.ndarray:
+    """A (size, size, 3) uint8 image whose colour and stripe orientation encode ``label``.
+
+    Classes beyond the palette cycle colours and change stripe period, so any class count works.
+    """
+    rng = np.random.default_rng(seed)
+    colour = _PALETTE[label % len(_PALETTE)]
+    period = 4 + 2 * (label // len(_PALETTE))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    coord = yy if label % 2 == 0 else xx  # horizontal stripes for even labels, vertical for odd
+    phase = rng.uniform(0, period)
+    stripes = (np.sin(2 * np.pi * (coord + phase) / period) > 0).astype(np.float32)[..., None]
+    brightness = rng.uniform(0.75, 1.0)
+    img = colour * brightness * (0.55 + 0.45 * stripes)
+    img += rng.normal(0.0, 12.0, size=img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def find_class(prompt: str, classes: list[str]) -> int:
+    """The label of the class a prompt names; the longest name wins when several match."""
+    text = f" {prompt.lower()} "
+    best, best_len = -1, -1
+    for label, name in enumerate(classes):
+        needle = name.lower()
+        if needle in text and len(needle) > best_len:
+            best, best_len = label, len(needle)
+    if best < 0:
+        raise ValueError(f"prompt {prompt!r} names none of the classes {classes}")
+    return best
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "tiny-sd":
+        print("usage: python -m synth.testkit tiny-sd <folder>", file=sys.stderr)
+        return 2
+    folder = build_tiny_random_sd_pipeline(argv[1])
+    print(f"tiny random-weight Stable Diffusion pipeline written to {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
