@@ -39,8 +39,9 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # address="local": always a private instance, never a `ray start` cluster found by accident.
         # Logical CPUs above the core count keep a generator + writer pipeline from stalling.
-        ray.init(num_cpus=cfg.local_num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=cfg.local_num_cpus, include_dashboard=False, log_to_driver=True)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = bool(os.environ.get("SYNTH_PROGRESS"))
