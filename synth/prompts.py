@@ -54,6 +54,8 @@ def _class_prompts(cfg: PromptsConfig, run: str, class_name: str) -> list[tuple[
     rng = random.Random(derive_seed(run, class_name, -1))
     combos = list(itertools.product(cfg.templates, cfg.environments, cfg.styles))
     rng.shuffle(combos)
+    adversarial = list(itertools.product(cfg.adversarial_templates, cfg.styles))
+    rng.shuffle(adversarial)
     n_adv = round(cfg.per_class * cfg.adversarial_fraction)
     # Spread adversarial rows evenly through the class so any prefix has its share.
     adversarial_at = {round((i + 0.5) * cfg.per_class / n_adv) for i in range(n_adv)} if n_adv else set()
@@ -61,9 +63,9 @@ def _class_prompts(cfg: PromptsConfig, run: str, class_name: str) -> list[tuple[
     next_template = next_adv = 0
     for index in range(cfg.per_class):
         if index in adversarial_at:
-            template = cfg.adversarial_templates[next_adv % len(cfg.adversarial_templates)]
+            template, style = adversarial[next_adv % len(adversarial)]
             next_adv += 1
-            out.append((_clean(template.format(cls=class_name, env="", style="")), "adversarial"))
+            out.append((_clean(template.format(cls=class_name, env="", style="") + ", " + style), "adversarial"))
         else:
             template, env, style = combos[next_template % len(combos)]
             next_template += 1

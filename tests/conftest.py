@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random models, a real S3 server on 127.0.0.1, a local Ray instance."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Nothing in the tests may reach the network: fail fast instead of waiting on the Hub.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Test credentials for the local S3 server, set before any Ray worker starts so workers inherit them.
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A random-weight Stable Diffusion pipeline saved with save_pretrained (built once)."""
+    from synth.testkit import build_tiny_random_sd_pipeline
+
+    return build_tiny_random_sd_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+def _start_moto(extra_env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, **(extra_env or {})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("moto S3 server did not start")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Endpoint URL of a real S3-speaking HTTP server (moto) on 127.0.0.1."""
+    proc, url = _start_moto()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server_with_auth():
+    """A second S3 server that checks credentials; no keys exist, so every key is wrong."""
+    proc, url = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def make_bucket(endpoint: str, name: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    try:
+        client.create_bucket(Bucket=name)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One private local Ray instance for the in-process tests (4 logical CPUs on 2 cores)."""
+    import ray
+
+    from synth.config import RayConfig
+    from synth.runtime import init_ray
+
+    init_ray(RayConfig(local_num_cpus=4))
+    yield
+    ray.shutdown()

@@ -1,0 +1,192 @@
+"""The generate stage on a local Ray instance: completeness, determinism, exactly-once, S3."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import REPO, make_bucket
+from synth.config import load_config
+from synth.generate import existing_shards
+from synth.storage import PARTIAL_MARK, Layout, Storage
+
+CLASSES = ["bird", "cat", "deer", "dog", "frog", "horse"]
+
+
+def tiny_config(root, model, *extra):
+    return load_config(
+        REPO / "configs" / "smoke.yaml",
+        [f"storage.root={root}", f"generate.model={model}", "run=t", *extra],
+    )
+
+
+def read_generated(storage: Storage, run: str = "t") -> tuple[list[dict], dict[str, bytes]]:
+    """(manifest rows, {id: png bytes} from every shard object)."""
+    layout = Layout(run)
+    manifest = storage.read_parquet(layout.generate_manifest).to_pylist()
+    images: dict[str, bytes] = {}
+    for key in storage.list(layout.generate_shards):
+        table = storage.read_parquet(key, columns=["id", "image"])
+        for image_id, png in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
+            assert image_id not in images, f"{image_id} stored twice"
+            images[image_id] = png
+    return manifest, images
+
+
+def assert_complete(storage: Storage, per_class: int, run: str = "t") -> list[dict]:
+    manifest, images = read_generated(storage, run)
+    ids = [r["id"] for r in manifest]
+    assert len(ids) == len(set(ids)) == per_class * len(CLASSES)
+    assert set(ids) == set(images), "every manifest row has its image and every image its row"
+    for c in CLASSES:
+        assert sum(r["class_name"] == c for r in manifest) == per_class
+    for r in manifest:
+        assert CLASSES[r["label"]] == r["class_name"] and r["class_name"] in r["prompt"]
+        assert r["id"].startswith(r["class_name"] + "-")
+    root = storage.root
+    if not storage.is_s3:
+        assert not [p for p in Path(root).rglob("*") if PARTIAL_MARK in p.name], "no stray partial objects"
+    return manifest
+
+
+def test_tiny_pipeline_run_is_complete_and_deterministic(tmp_path, tiny_sd, ray_local):
+    from synth.generate import run_generate
+
+    cfgs = [tiny_config(tmp_path / name, tiny_sd, "prompts.per_class=40", "generate.shard_size=32") for name in "ab"]
+    summaries = [run_generate(cfg) for cfg in cfgs]
+    assert summaries[0]["images_generated"] == 240 and summaries[0]["shards_total"] == 8
+    manifest = assert_complete(Storage(str(tmp_path / "a")), 40)
+    assert {r["width"] for r in manifest} == {32}
+    # Same config, same machine: byte-identical images.
+    _, a = read_generated(Storage(str(tmp_path / "a")))
+    _, b = read_generated(Storage(str(tmp_path / "b")))
+    assert a == b
+    # Random weights render noise, but each seed renders different noise.
+    assert len(set(a.values())) == len(a)
+    # A finished run rerun generates nothing.
+    again = run_generate(cfgs[0])
+    assert again["shards_generated"] == 0 and again["images_generated"] == 0
+    assert again["images_total"] == 240
+
+
+def test_class_aware_generator_draws_the_prompted_class(tmp_path, ray_local):
+    from PIL import Image
+
+    from synth.generate import run_generate
+    from synth.testkit import _PALETTE
+
+    cfg = tiny_config(tmp_path, "unused", "generate.generator=class_aware_test", "prompts.per_class=8")
+    run_generate(cfg)
+    manifest, images = read_generated(Storage(str(tmp_path)))
+    for r in manifest:
+        img = np.asarray(Image.open(__import__("io").BytesIO(images[r["id"]])), dtype=np.float32)
+        mean = img.reshape(-1, 3).mean(0)
+        nearest = int(np.argmin(np.linalg.norm(_PALETTE[: len(CLASSES)] * 0.8 - mean, axis=1)))
+        assert nearest == r["label"], f"{r['id']} looks like class {nearest}"
+
+
+def test_plan_change_is_refused(tmp_path, ray_local):
+    from synth.config import ConfigError
+    from synth.generate import run_generate
+
+    base = ("generate.generator=class_aware_test", "prompts.per_class=4")
+    run_generate(tiny_config(tmp_path, "unused", *base))
+    with pytest.raises(ConfigError, match=r"different plan \(image_size"):
+        run_generate(tiny_config(tmp_path, "unused", *base, "generate.image_size=16"))
+
+
+def test_s3_root_gives_the_same_result_as_local(tmp_path, tiny_sd, s3_server, ray_local):
+    from synth.generate import run_generate
+
+    make_bucket(s3_server, "synth")
+    extra = ("prompts.per_class=12", "generate.shard_size=8")
+    run_generate(tiny_config(tmp_path, tiny_sd, *extra))
+    s3_cfg = tiny_config("s3://synth/runs", tiny_sd, *extra, f"storage.s3_endpoint_url={s3_server}")
+    summary = run_generate(s3_cfg)
+    assert summary["manifest"] == "s3://synth/runs/t/generate/manifest.parquet"
+    s3 = Storage("s3://synth/runs", s3_endpoint_url=s3_server)
+    assert_complete(s3, 12)
+    local_manifest, local_images = read_generated(Storage(str(tmp_path)))
+    s3_manifest, s3_images = read_generated(s3)
+    assert local_manifest == s3_manifest and local_images == s3_images
+
+
+def _generation_actor_pids() -> list[int]:
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if any("ShardGenerator" in part for part in (p.info["cmdline"] or []))
+    ]
+
+
+def test_killed_generation_actor_is_replaced_and_nothing_duplicates(tmp_path, tiny_sd, ray_local):
+    from synth.generate import run_generate
+
+    # 256 px renders slowly enough on a CPU to kill an actor mid-run.
+    cfg = tiny_config(
+        tmp_path, tiny_sd, "prompts.per_class=8", "generate.shard_size=2", "generate.height=256", "generate.width=256"
+    )
+    storage, layout = Storage(str(tmp_path)), Layout("t")
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(run_generate(cfg)))
+    worker.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and not existing_shards(storage, layout):
+        time.sleep(0.05)
+    pids = _generation_actor_pids()
+    assert pids and len(existing_shards(storage, layout)) < 24, "the kill must land mid-run"
+    os.kill(pids[0], signal.SIGKILL)
+    worker.join(timeout=300)
+    assert result["images_total"] == 48 and result["shards_generated"] == 24
+    assert_complete(storage, 8)
+
+
+def _settled_shard_count(storage: Storage, layout: Layout, quiet_seconds: float = 3.0) -> int:
+    count, since = len(existing_shards(storage, layout)), time.time()
+    while time.time() - since < quiet_seconds:
+        time.sleep(0.2)
+        now = len(existing_shards(storage, layout))
+        if now != count:
+            count, since = now, time.time()
+    return count
+
+
+@pytest.mark.slow
+def test_killed_driver_then_rerun_completes_exactly_once(tmp_path, tiny_sd):
+    args = [
+        f"storage.root={tmp_path}", f"generate.model={tiny_sd}", "run=t", "prompts.per_class=8",
+        "generate.shard_size=2", "generate.height=256", "generate.width=256",
+    ]  # fmt: skip
+    storage, layout = Storage(str(tmp_path)), Layout("t")
+    cmd = [sys.executable, "-m", "ray_jobs.generate", str(REPO / "configs" / "smoke.yaml"), *args]
+    driver = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(existing_shards(storage, layout)) < 2:
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray instance it started
+    driver.wait()
+    done_before = _settled_shard_count(storage, layout)  # orphaned workers may finish a write or two
+    assert 2 <= done_before < 24, "the kill must land mid-run"
+    assert not storage.exists(layout.generate_manifest)
+
+    rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = storage.read_json(layout.summary("generate"))
+    assert summary["shards_already_stored"] == done_before
+    assert summary["shards_generated"] == 24 - done_before
+    assert_complete(storage, 8)
+
+    finished = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0
+    summary = storage.read_json(layout.summary("generate"))
+    assert summary["shards_generated"] == 0 and summary["images_generated"] == 0
+    assert "Started a local Ray instance" not in finished.stderr + finished.stdout  # no Ray, no generator

@@ -1,0 +1,63 @@
+import pyarrow as pa
+import pytest
+
+from conftest import make_bucket
+from synth.storage import PARTIAL_MARK, Storage, StorageError
+
+
+def _roundtrip(storage: Storage):
+    storage.write_bytes("run/a/x.bin", b"hello")
+    storage.write_json("run/a/b/y.json", {"k": 1})
+    storage.write_parquet("run/t.parquet", pa.table({"id": ["a", "b"]}))
+    assert storage.read_bytes("run/a/x.bin") == b"hello"
+    assert storage.read_json("run/a/b/y.json") == {"k": 1}
+    assert storage.read_parquet("run/t.parquet").column("id").to_pylist() == ["a", "b"]
+    assert storage.list("run/a") == ["run/a/b/y.json", "run/a/x.bin"]
+    assert storage.exists("run/a/x.bin") and not storage.exists("run/a/nope")
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("run/a/nope")
+    storage.delete("run/a/x.bin")
+    assert storage.list("run/a") == ["run/a/b/y.json"]
+
+
+def test_local_roundtrip(tmp_path):
+    _roundtrip(Storage(str(tmp_path)))
+
+
+def test_s3_roundtrip(s3_server):
+    make_bucket(s3_server, "roundtrip")
+    storage = Storage("s3://roundtrip/some/prefix", s3_endpoint_url=s3_server)
+    _roundtrip(storage)
+    assert storage.uri("run/t.parquet") == "s3://roundtrip/some/prefix/run/t.parquet"
+
+
+def test_partial_local_writes_are_invisible_and_removable(tmp_path):
+    storage = Storage(str(tmp_path))
+    storage.write_bytes("run/s/shard-00000.parquet", b"done")
+    (tmp_path / "run/s" / f"shard-00001.parquet{PARTIAL_MARK}dead").write_bytes(b"half")
+    assert storage.list("run/s") == ["run/s/shard-00000.parquet"]
+    assert storage.remove_partials("run") == 1
+    assert sorted(p.name for p in (tmp_path / "run/s").iterdir()) == ["shard-00000.parquet"]
+
+
+def test_storage_is_picklable_without_a_client(s3_server):
+    import pickle
+
+    make_bucket(s3_server, "pickled")
+    storage = Storage("s3://pickled", s3_endpoint_url=s3_server)
+    storage.check_writable()  # creates a client
+    clone = pickle.loads(pickle.dumps(storage))
+    assert clone._client is None and clone.exists("nothing") is False
+
+
+def test_unwritable_and_bad_roots(tmp_path, s3_server, s3_server_with_auth):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match="choose a writable storage.root"):
+        Storage(str(blocker / "root")).check_writable()
+    with pytest.raises(StorageError, match="does not exist"):
+        Storage("s3://no-such-bucket/x", s3_endpoint_url=s3_server).check_writable()
+    with pytest.raises(StorageError, match="refused the credentials"):
+        Storage("s3://any/x", s3_endpoint_url=s3_server_with_auth).check_writable()
+    with pytest.raises(StorageError, match="only local folders and s3://"):
+        Storage("gs://bucket/x")
