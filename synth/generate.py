@@ -31,7 +31,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -347,8 +347,8 @@ def _check_plan(storage: Storage, layout: Layout, plan: dict) -> None:
 
 def run_ray_generation(
     storage: Storage, run: str, g: GenerateConfig, classes: Sequence[str], todo: list[tuple[int, list[dict]]]
-) -> list[dict]:
-    """Generate and write the given shards with Ray Data; returns one result row per shard."""
+) -> Iterator[dict]:
+    """Generate and write the given shards with Ray Data; yields one small result row per shard as it lands."""
     import ray
     import ray.data
     num_gpus = g.num_gpus_per_actor
@@ -369,7 +369,7 @@ def run_ray_generation(
         # the retry harmless.
     )
     ds = ds.map_batches(write_shards, fn_kwargs={"storage": storage, "run": run, "cfg": g}, batch_size=1, num_cpus=0.5)
-    return list(ds.iter_rows())
+    return ds.iter_rows()
 
 
 def build_manifest(storage: Storage, layout: Layout, expected_ids: Sequence[str], n_shards: int) -> pa.Table:
@@ -417,7 +417,7 @@ def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
     gen_start = time.perf_counter()
     if todo:
         init_ray(cfg.ray)
-        results = run_ray_generation(storage, cfg.run, gen_cfg, cfg.prompts.classes, todo)
+        results = list(run_ray_generation(storage, cfg.run, gen_cfg, cfg.prompts.classes, todo))
     gen_seconds = time.perf_counter() - gen_start
     made = int(sum(r["images"] for r in results))
 

@@ -15,6 +15,7 @@ can be shipped to Ray workers.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -133,7 +134,8 @@ class Storage:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot write {path}: {exc.strerror or exc}. Fix: choose a writable storage.root") from exc
 
     def read_bytes(self, key: str) -> bytes:
@@ -255,6 +257,25 @@ class Layout:
     @property
     def generate_manifest(self) -> str:
         return f"{self.run}/generate/manifest.parquet"
+
+    # dataset
+    def dataset_split(self, domain: str, split: str) -> str:
+        """One split of one domain: ``<run>/dataset/<real|synthetic>/<train|val|test>.parquet``."""
+        return f"{self.run}/dataset/{domain}/{split}.parquet"
+
+    # train: one folder per (experiment, seed), e.g. <run>/train/train-real/seed-0/
+    def train_cell(self, experiment: str, seed: int) -> str:
+        return f"{self.run}/train/{experiment}/seed-{seed}"
+
+    def train_metrics(self, experiment: str, seed: int) -> str:
+        return f"{self.train_cell(experiment, seed)}/metrics.json"
+
+    def train_model(self, experiment: str, seed: int) -> str:
+        return f"{self.train_cell(experiment, seed)}/model.pt"
+
+    def train_ray_results(self, experiment: str, seed: int) -> str:
+        """Ray Train's storage_path for the cell: its run folder, checkpoints and snapshot."""
+        return f"{self.train_cell(experiment, seed)}/ray"
 
     def config_file(self, stage: str) -> str:
         return f"{self.run}/{stage}/config.yaml"

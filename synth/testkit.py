@@ -91,7 +91,7 @@ def build_tiny_random_sd_pipeline(out: str | Path, seed: int = 0) -> Path:
             )
         )
         scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing"
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing", steps_offset=1
         )
         pipe = StableDiffusionPipeline(
             unet=unet,
@@ -104,6 +104,61 @@ def build_tiny_random_sd_pipeline(out: str | Path, seed: int = 0) -> Path:
             requires_safety_checker=False,
         )
         pipe.save_pretrained(out)
+    return out
+
+
+def build_full_size_random_sd_pipeline(out: str | Path, seed: int = 0) -> Path:
+    """Write SD-Turbo's architecture (SD 2.1: UNet, VAE, OpenCLIP ViT-H text encoder) with random weights.
+
+    For throughput benchmarks only: FLOPs and memory match the real model, the pictures do not.
+    Saved in float16 (~2.6 GB). The tokenizer is the tiny byte-level one; prompts still pad to 77.
+    """
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=768,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tiny_clip_tokenizer(Path(tmp))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=23,
+                num_attention_heads=16,
+                hidden_act="gelu",
+                projection_dim=512,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing", steps_offset=1
+        )
+        pipe = StableDiffusionPipeline(
+            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+        pipe.to(torch.float16).save_pretrained(out)
     return out
 
 
@@ -156,6 +211,127 @@ def find_class(prompt: str, classes: list[str]) -> int:
     if best < 0:
         raise ValueError(f"prompt {prompt!r} names none of the classes {classes}")
     return best
+
+
+# -- real-data fixtures ----------------------------------------------------------------------
+
+# CIFAR-10's label names in its own label order (batches.meta).
+CIFAR10_LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_FILES = ["batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
+
+
+def _fixture_seed(seed: int, split: str, index: int) -> int:
+    # Distinct from each other and, in practice, from the generate stage's 63-bit hashed seeds.
+    return seed * 1_000_003 + (0 if split == "train" else 500_000) + index
+
+
+def write_cifar10_fixture(
+    folder: str | Path,
+    per_class_train: int,
+    per_class_test: int,
+    classes: list[str] | None = None,
+    archive: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Write a small CIFAR-10 in the official python format; returns where it is.
+
+    The files are those of ``cifar-10-python.tar.gz`` (``batches.meta``, ``data_batch_1..5``,
+    ``test_batch``: pickled dicts with bytes keys, ``b"data"`` rows of 3072 uint8 in CHW order),
+    holding ``per_class_*`` images of each of the 10 CIFAR classes in shuffled order. An image of
+    a class at position ``i`` in ``classes`` (default: CIFAR's own order) is
+    ``class_pattern_image(i, ...)``, the pattern the ``class_aware_test`` generator draws for
+    label ``i``; CIFAR classes not in ``classes`` get the following labels' patterns.
+
+    Returns ``<folder>/cifar-10-batches-py``, or ``<folder>/cifar-10-python.tar.gz`` when
+    ``archive`` is true (then no extracted folder is written).
+    """
+    import io
+    import pickle
+    import tarfile
+
+    folder = Path(folder)
+    classes = list(classes) if classes is not None else list(CIFAR10_LABEL_NAMES)
+    unknown = [c for c in classes if c not in CIFAR10_LABEL_NAMES]
+    if unknown:
+        raise ValueError(f"classes {unknown} are not CIFAR-10 classes ({', '.join(CIFAR10_LABEL_NAMES)})")
+    pattern = {name: i for i, name in enumerate(classes + [n for n in CIFAR10_LABEL_NAMES if n not in classes])}
+    rng = np.random.default_rng(seed)
+
+    def split_arrays(per_class: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.repeat(np.arange(len(CIFAR10_LABEL_NAMES)), per_class)
+        rng.shuffle(labels)  # CIFAR's batches interleave classes
+        data = np.zeros((len(labels), 3072), dtype=np.uint8)
+        for i, cifar_label in enumerate(labels):
+            img = class_pattern_image(pattern[CIFAR10_LABEL_NAMES[cifar_label]], _fixture_seed(seed, split, i), 32)
+            data[i] = img.transpose(2, 0, 1).reshape(-1)  # (32, 32, 3) HWC -> 3072 CHW, as CIFAR stores it
+        return data, labels
+
+    def batch(label: str, data: np.ndarray, labels: np.ndarray, first: int) -> bytes:
+        obj = {
+            b"batch_label": label.encode(),
+            b"labels": [int(x) for x in labels],
+            b"data": data,
+            b"filenames": [f"fixture_{first + i:06d}.png".encode() for i in range(len(labels))],
+        }
+        return pickle.dumps(obj, protocol=2)
+
+    train_data, train_labels = split_arrays(per_class_train, "train")
+    test_data, test_labels = split_arrays(per_class_test, "test")
+    parts = np.array_split(np.arange(len(train_labels)), 5)
+    files = {
+        "batches.meta": pickle.dumps(
+            {
+                b"label_names": [n.encode() for n in CIFAR10_LABEL_NAMES],
+                b"num_cases_per_batch": len(parts[0]),
+                b"num_vis": 3072,
+            },
+            protocol=2,
+        )
+    }
+    for i, idx in enumerate(parts, start=1):
+        first = int(idx[0]) if len(idx) else 0
+        files[f"data_batch_{i}"] = batch(f"training batch {i} of 5", train_data[idx], train_labels[idx], first)
+    files["test_batch"] = batch("testing batch 1 of 1", test_data, test_labels, 0)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if archive:
+        out = folder / "cifar-10-python.tar.gz"
+        with tarfile.open(out, "w:gz") as tar:
+            for name in CIFAR10_FILES:
+                info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+                info.size = len(files[name])
+                tar.addfile(info, io.BytesIO(files[name]))
+        return out
+    out = folder / "cifar-10-batches-py"
+    out.mkdir(exist_ok=True)
+    for name in CIFAR10_FILES:
+        (out / name).write_bytes(files[name])
+    return out
+
+
+def write_image_folder_fixture(
+    folder: str | Path,
+    classes: list[str],
+    per_class: int,
+    splits: tuple[str, ...] = ("train", "test"),
+    size: int = 32,
+    seed: int = 0,
+) -> Path:
+    """Write ``<folder>/<split>/<class>/<class>-NNNN.png`` drawn with :func:`class_pattern_image`.
+
+    The image of a class at position ``i`` in ``classes`` uses label ``i``'s pattern; returns ``folder``.
+    """
+    from PIL import Image
+
+    folder = Path(folder)
+    for split in splits:
+        for label, name in enumerate(classes):
+            class_dir = folder / split / name
+            class_dir.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                img = class_pattern_image(label, _fixture_seed(seed, split, label * 100_000 + i), size)
+                Image.fromarray(img).save(class_dir / f"{name}-{i:04d}.png")
+    return folder
 
 
 def main(argv: list[str]) -> int:

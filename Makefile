@@ -1,0 +1,29 @@
+# The two commands of the README, plus the pieces they are made of.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TINY_SD := .cache/models/tiny-sd
+
+.PHONY: setup smoke test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Installs the package with its test extras (torch 2.14.1 / torchvision 0.29.1 pinned in pyproject).
+setup: $(PY)
+	$(PY) -m pip install --quiet -e ".[test]"
+	@test -f $(TINY_SD)/model_index.json || $(PY) -m synth.testkit tiny-sd $(TINY_SD)
+
+# The main job on this machine, on the smoke preset (tiny random-weight pipeline, CPU).
+smoke: setup
+	$(PY) -m ray_jobs.pipeline configs/smoke.yaml
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(PY) benchmarks/bench_generate.py --preset tiny --resolution 256 --images 192 --batch-size 16 --shard-size 32
+
+clean:
+	rm -rf outputs .cache

@@ -1,0 +1,686 @@
+"""The dataset stage: real photographs and synthetic images as train / val / test tables of one format.
+
+Inputs:
+- **real**: CIFAR-10 in its official python format (``cifar-10-python.tar.gz`` or the extracted
+  ``cifar-10-batches-py`` folder, local or ``s3://``, or torchvision's downloader), or image folders
+  ``<real_path>/<train|test>/<class>/*.png|jpg|jpeg``. Only the configured classes are kept; the
+  official train/test split is kept.
+- **synthetic**: the generate stage's manifest and shards of the same run. Each class is split
+  into ``synthetic_train_per_class`` / ``synthetic_test_per_class`` (CIFAR's 5,000 / 1,000), or
+  proportionally when a class has fewer images.
+
+Every training split then gives up ``val_fraction`` of each class to a validation split, used for
+model selection and tuning; test splits are for final numbers only.
+
+Outputs, ``<run>/dataset/<real|synthetic>/<train|val|test>.parquet``, one row per image:
+``id`` (string), ``label`` (int32: the position of the class in ``prompts.classes``, the same label
+space for both domains), ``class_name``, ``image`` (PNG bytes, RGB, ``dataset.image_size`` square),
+``domain`` and ``source`` (where the image came from). Beside them: config.yaml and summary.json.
+
+Determinism: which split an image lands in is a pure function of its id, its class and
+``dataset.seed`` (a seeded shuffle of the sorted ids), decided *before* any image is decoded. So a
+rerun gives the same tables, and an image that fails to decode is dropped from its split and
+counted there without moving any other image between splits (a test image can never leak into
+training through a rerun).
+
+The stage runs on the driver in plain Python: CIFAR-sized data (tens of thousands of 32 px
+images) takes seconds, far less than starting Ray workers would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import pickle
+import random
+import tarfile
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from synth.config import Config, ConfigError, DatasetConfig, StorageConfig, class_slug
+from synth.storage import Layout, Storage
+
+log = logging.getLogger(__name__)
+
+DOMAINS = ("real", "synthetic")
+SPLITS = ("train", "val", "test")
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("label", pa.int32()),
+        ("class_name", pa.string()),
+        ("image", pa.binary()),
+        ("domain", pa.string()),
+        ("source", pa.string()),
+    ]
+)
+# Parquet schema metadata keys: what a reader needs without decoding an image.
+META_IMAGE_SIZE = b"synth.image_size"
+META_CLASSES = b"synth.classes"
+
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR_FILES = ["batches.meta", *CIFAR_TRAIN_BATCHES, "test_batch"]
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Concurrent reads of small image objects; S3 latency, not bandwidth, bounds a folder import.
+READ_THREADS = 16
+
+MISSING_REAL = (
+    "no real dataset is configured: dataset.real_path is unset and dataset.download is false. Fix: pass "
+    "dataset.real_path=<cifar-10-python.tar.gz, its extracted cifar-10-batches-py folder, or an image-folder "
+    "root with dataset.real_source=folder; a local path or s3:// URI>, or dataset.download=true to fetch "
+    f"CIFAR-10 with torchvision into dataset.download_dir (needs internet; archive at {CIFAR_URL})"
+)
+
+
+@dataclass
+class Item:
+    """One image on its way into a split; exactly one of ``pixels``, ``data`` or ``key`` is set."""
+
+    id: str
+    label: int
+    class_name: str
+    source: str
+    pixels: Optional[np.ndarray] = None  # (32, 32, 3) uint8, already decoded (CIFAR rows)
+    data: Optional[bytes] = None  # encoded image bytes (synthetic shards)
+    key: Optional[str] = None  # object to read from the image-folder storage
+
+
+@dataclass
+class DomainItems:
+    """A domain's images per split before decoding, and what the summary says about them."""
+
+    splits: dict[str, list[Item]]
+    info: dict
+    reader: Optional[Storage] = None  # where ``Item.key``s are read from
+
+
+# --------------------------------------------------------------------------------------------
+# Deterministic splits
+# --------------------------------------------------------------------------------------------
+
+
+def seeded_order(ids: Sequence[str], seed: int, *context: str) -> list[str]:
+    """``ids`` sorted, then shuffled by a RNG seeded from ``seed`` and ``context``.
+
+    Sorting first makes the order independent of how the ids were listed or stored.
+    """
+    digest = hashlib.sha256("\x1f".join([str(seed), *context]).encode()).digest()
+    out = sorted(ids)
+    random.Random(int.from_bytes(digest[:8], "big")).shuffle(out)
+    return out
+
+
+def synthetic_split_sizes(available: int, train: int, test: int) -> tuple[int, int, Optional[str]]:
+    """(train, test, note) for a class with ``available`` images, asked for ``train`` + ``test``.
+
+    With too few images the class is split proportionally, keeping the train:test ratio and at
+    least one test image; the note says so for the summary.
+    """
+    if available >= train + test:
+        return train, test, None
+    if available == 0:
+        return 0, 0, f"no images (asked for {train}+{test})"
+    n_test = min(available, max(1, round(available * test / (train + test))))
+    n_train = available - n_test
+    note = f"only {available} images (asked for {train}+{test}): split proportionally, {n_train} train / {n_test} test"
+    return n_train, n_test, note
+
+
+def val_size(n_train: int, fraction: float) -> int:
+    """Images of one class moved from train to val: ``round(n * fraction)``, at least 1 when the
+    fraction is positive and the class has two training images, never the whole class."""
+    if fraction <= 0 or n_train < 2:
+        return 0
+    return min(n_train - 1, max(1, round(n_train * fraction)))
+
+
+def carve_val(train: list[Item], fraction: float, seed: int, domain: str) -> tuple[list[Item], list[Item]]:
+    """Split a training split into (train, val), stratified by class and deterministic."""
+    by_class: dict[str, list[Item]] = defaultdict(list)
+    for item in train:
+        by_class[item.class_name].append(item)
+    keep: list[Item] = []
+    val: list[Item] = []
+    for class_name, items in by_class.items():
+        by_id = {item.id: item for item in items}
+        order = seeded_order(list(by_id), seed, domain, "val", class_name)
+        n_val = val_size(len(order), fraction)
+        val.extend(by_id[i] for i in order[:n_val])
+        keep.extend(by_id[i] for i in order[n_val:])
+    return keep, val
+
+
+# --------------------------------------------------------------------------------------------
+# Real data: CIFAR-10 (official python format)
+# --------------------------------------------------------------------------------------------
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches and nothing else.
+
+    The official format is pickle, and unpickling runs whatever callables the file names; a file
+    fetched from a bucket or a mirror must not be able to run code here, so only what a dict of
+    lists, bytes and one uint8 array needs is allowed.
+    """
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),  # files pickled by numpy < 2 (the official ones)
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # Python 3 bytes under pickle protocol 2
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
+        if module.startswith("numpy.core."):
+            module = "numpy._core." + module[len("numpy.core.") :]  # numpy 2 moved it; avoids a warning
+        return super().find_class(module, name)
+
+
+def _unpickle_batch(data: bytes, name: str, where: str) -> dict:
+    try:
+        # latin1 turns the Python 2 strings of the official files into str, as torchvision does.
+        obj = _CifarUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except Exception as exc:
+        raise ConfigError(
+            f"{where}: {name} is not a CIFAR-10 python-format batch ({exc}). "
+            f"Fix: point dataset.real_path at the official cifar-10-python.tar.gz ({CIFAR_URL}) or its extracted folder"
+        ) from exc
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{where}: {name} holds a {type(obj).__name__}, not a CIFAR-10 batch dict")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _files_from_archive(data: bytes, where: str) -> dict[str, bytes]:
+    try:
+        # Read members in memory, never extract: no path in the archive can touch the filesystem.
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+            files = {}
+            for member in tar.getmembers():
+                base = member.name.rsplit("/", 1)[-1]
+                if member.isfile() and base in CIFAR_FILES:
+                    files[base] = tar.extractfile(member).read()  # type: ignore[union-attr]
+            return files
+    except tarfile.TarError as exc:
+        raise ConfigError(
+            f"{where} is not a readable tar archive ({exc}). Fix: give the official cifar-10-python.tar.gz "
+            f"({CIFAR_URL}) or its extracted {CIFAR_FOLDER} folder as dataset.real_path"
+        ) from exc
+
+
+def _split_s3_uri(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ConfigError(f"dataset.real_path={uri!r} names no bucket; use s3://bucket/path")
+    return bucket, key.strip("/")
+
+
+def _download_cifar10(download_dir: str) -> str:
+    """torchvision's downloader (checks the archive's MD5 and extracts it); returns the folder."""
+    try:
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(root=download_dir, train=True, download=True)
+    except Exception as exc:  # network errors, a bad checksum, an unwritable folder
+        raise ConfigError(
+            f"cannot download CIFAR-10 into dataset.download_dir={download_dir!r}: {exc}. Fix: download "
+            f"cifar-10-python.tar.gz ({CIFAR_URL}) where the internet is reachable and pass "
+            "dataset.real_path=<that file, or an s3:// copy of it>"
+        ) from exc
+    return str(Path(download_dir) / CIFAR_FOLDER)
+
+
+def read_cifar10_files(d: DatasetConfig, storage_cfg: StorageConfig) -> tuple[dict[str, bytes], str]:
+    """The raw CIFAR-10 batch files named by ``dataset.real_path`` (or downloaded), and where from."""
+    path = d.real_path
+    if path is None:
+        if not d.download:
+            raise ConfigError(MISSING_REAL)
+        path = _download_cifar10(d.download_dir)
+    files: dict[str, bytes] = {}
+    if path.startswith("s3://"):
+        bucket, key = _split_s3_uri(path)
+        store = Storage(f"s3://{bucket}", storage_cfg.s3_endpoint_url, storage_cfg.s3_region)
+        if key.endswith((".tar.gz", ".tgz", ".tar")):
+            try:
+                files = _files_from_archive(store.read_bytes(key), path)
+            except FileNotFoundError as exc:
+                raise ConfigError(
+                    f"dataset.real_path={path!r} does not exist. Fix: upload cifar-10-python.tar.gz there, "
+                    "correct the URI, or set dataset.download=true with dataset.real_path unset"
+                ) from exc
+        else:
+            # The extracted folder, or a prefix holding it.
+            nested = f"{key}/{CIFAR_FOLDER}".strip("/")
+            folder = nested if store.exists(f"{nested}/batches.meta") else key
+            for name in CIFAR_FILES:
+                try:
+                    files[name] = store.read_bytes(f"{folder}/{name}".strip("/"))
+                except FileNotFoundError:
+                    pass
+    else:
+        local = Path(path).expanduser()
+        if not local.exists():
+            raise ConfigError(
+                f"dataset.real_path={path!r} does not exist. Fix: give the path of cifar-10-python.tar.gz or of its "
+                f"extracted {CIFAR_FOLDER} folder (or an s3:// URI), or set dataset.download=true with dataset.real_path unset"
+            )
+        if local.is_file():
+            files = _files_from_archive(local.read_bytes(), path)
+        else:
+            folder = local / CIFAR_FOLDER if (local / CIFAR_FOLDER / "batches.meta").is_file() else local
+            files = {name: (folder / name).read_bytes() for name in CIFAR_FILES if (folder / name).is_file()}
+    missing = [name for name in CIFAR_FILES if name not in files]
+    if missing:
+        raise ConfigError(
+            f"dataset.real_path={path!r} lacks the CIFAR-10 files {missing}. Fix: give the official "
+            f"cifar-10-python.tar.gz ({CIFAR_URL}) or its complete extracted {CIFAR_FOLDER} folder"
+        )
+    return files, path
+
+
+def cifar10_items(cfg: Config) -> DomainItems:
+    """The configured classes of CIFAR-10's official train and test splits, labelled by name."""
+    files, where = read_cifar10_files(cfg.dataset, cfg.storage)
+    meta = _unpickle_batch(files["batches.meta"], "batches.meta", where)
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get("label_names", [])]
+    if len(names) != 10:
+        raise ConfigError(f"{where}: batches.meta lists {len(names)} label names, CIFAR-10 has 10. Fix: use the official archive")
+    # Our label = the class's position in prompts.classes; CIFAR's own label index is not used.
+    ours = {class_slug(c): label for label, c in enumerate(cfg.prompts.classes)}
+    cifar_to_ours = {i: ours[class_slug(n)] for i, n in enumerate(names) if class_slug(n) in ours}
+    absent = [c for c in cfg.prompts.classes if class_slug(c) not in {class_slug(n) for n in names}]
+    if absent:
+        raise ConfigError(
+            f"prompts.classes {absent} are not CIFAR-10 classes ({', '.join(names)}), so the real domain has no "
+            "images of them. Fix: keep prompts.classes to CIFAR-10 classes, or give real photos of every class as "
+            "image folders with dataset.real_source=folder dataset.real_path=<root>/<train|test>/<class>/"
+        )
+    splits: dict[str, list[Item]] = {"train": [], "test": []}
+    for split, batches in (("train", CIFAR_TRAIN_BATCHES), ("test", ["test_batch"])):
+        index = 0  # position in the official split: ids stay traceable to the original files
+        for name in batches:
+            batch = _unpickle_batch(files[name], name, where)
+            data = np.asarray(batch.get("data"))
+            labels = list(batch.get("labels", []))
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+                raise ConfigError(
+                    f"{where}: {name} has data {data.dtype}{data.shape} and {len(labels)} labels, expected (N, 3072) "
+                    "uint8 with N labels. Fix: use the official cifar-10-python.tar.gz"
+                )
+            images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 3072) CHW rows -> (N, 32, 32, 3)
+            for row, cifar_label in enumerate(labels):
+                label = cifar_to_ours.get(int(cifar_label))
+                if label is not None:
+                    splits[split].append(
+                        Item(
+                            id=f"cifar10-{split}-{index + row:06d}",
+                            label=label,
+                            class_name=cfg.prompts.classes[label],
+                            source=f"cifar10/{name}",
+                            pixels=images[row],
+                        )
+                    )
+            index += len(labels)
+    info = {"source": "cifar10", "path": where, "cifar_label_names": names}
+    return DomainItems(splits=splits, info=info)
+
+
+# --------------------------------------------------------------------------------------------
+# Real data: image folders
+# --------------------------------------------------------------------------------------------
+
+
+def folder_items(cfg: Config) -> DomainItems:
+    """``<real_path>/<train|test>/<class>/*.png|jpg|jpeg`` (local or s3://), one folder per configured class."""
+    root = cfg.dataset.real_path
+    if root is None:
+        raise ConfigError(
+            "dataset.real_source=folder needs dataset.real_path=<root holding train/<class>/ and test/<class>/ "
+            "image folders> (a local folder or s3:// URI); dataset.download only fetches CIFAR-10"
+        )
+    if root.startswith("s3://"):
+        _split_s3_uri(root)
+    elif not Path(root).expanduser().is_dir():
+        raise ConfigError(
+            f"dataset.real_path={root!r} is not a folder. Fix: give the root of train/<class>/ and test/<class>/ "
+            "image folders, or use dataset.real_source=cifar10 for a CIFAR-10 archive"
+        )
+    reader = Storage(
+        root if root.startswith("s3://") else str(Path(root).expanduser()),
+        cfg.storage.s3_endpoint_url,
+        cfg.storage.s3_region,
+    )
+    by_slug = {class_slug(c): label for label, c in enumerate(cfg.prompts.classes)}
+    splits: dict[str, list[Item]] = {}
+    ignored: dict[str, int] = {}
+    for split in ("train", "test"):
+        items: list[Item] = []
+        unknown: set[str] = set()
+        ignored[split] = 0
+        for key in reader.list(split):
+            parts = key.split("/")
+            if len(parts) < 3 or parts[-1].startswith(".") or not parts[-1].lower().endswith(IMAGE_SUFFIXES):
+                ignored[split] += 1  # stray files (README, .DS_Store, loose images): counted, not read
+                continue
+            label = by_slug.get(class_slug(parts[1]))
+            if label is None:
+                unknown.add(parts[1])
+                continue
+            name = cfg.prompts.classes[label]
+            items.append(
+                Item(
+                    id=f"folder-{split}-{class_slug(name)}-{'/'.join(parts[2:])}",
+                    label=label,
+                    class_name=name,
+                    source=f"{root.rstrip('/')}/{key}",
+                    key=key,
+                )
+            )
+        present = {item.class_name for item in items}
+        absent = [c for c in cfg.prompts.classes if c not in present]
+        if unknown or absent:
+            problems = []
+            if unknown:
+                problems.append(f"folders {sorted(unknown)} are not in prompts.classes (the synthetic domain lacks them)")
+            if absent:
+                problems.append(f"prompts.classes {absent} have no images under {root.rstrip('/')}/{split}/")
+            raise ConfigError(
+                f"the real image folders do not match the configured classes {list(cfg.prompts.classes)}: "
+                f"{'; '.join(problems)}. Fix: make {split}/ hold exactly one folder of images per class in "
+                "prompts.classes, or change prompts.classes (both domains must share one label space)"
+            )
+        dupes = [i for i, n in Counter(item.id for item in items).items() if n > 1]
+        if dupes:
+            raise ConfigError(
+                f"image folders give the same id to several files, e.g. {dupes[0]!r} (class folders differing only in "
+                "case or punctuation). Fix: keep one folder per class"
+            )
+        splits[split] = items
+    info = {"source": "folder", "path": root, "ignored_files": ignored}
+    return DomainItems(splits=splits, info=info, reader=reader)
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic data: the generate stage's manifest and shards
+# --------------------------------------------------------------------------------------------
+
+
+def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
+    """Per-class train/test splits of the generate run ``cfg.run``, with the shards' image bytes."""
+    layout = Layout(cfg.run)
+    d = cfg.dataset
+    if not storage.exists(layout.generate_manifest):
+        raise ConfigError(
+            f"run {cfg.run!r} has no generate manifest at {storage.uri(layout.generate_manifest)}. Fix: run the "
+            "generate stage first (python -m ray_jobs.generate <config>) with this run and storage.root, "
+            "or build only the real domain with dataset.domains=[real]"
+        )
+    manifest = storage.read_parquet(layout.generate_manifest, columns=["id", "class_name", "shard"])
+    by_class: dict[str, list[str]] = defaultdict(list)
+    shard_of: dict[str, int] = {}
+    for image_id, class_name, shard in zip(*(manifest.column(c).to_pylist() for c in ("id", "class_name", "shard"))):
+        by_class[class_name].append(image_id)
+        shard_of[image_id] = int(shard)
+
+    # Labels come from the class name, so a generate run with another class order still lines up.
+    ours = {class_slug(c): label for label, c in enumerate(cfg.prompts.classes)}
+    absent = [c for c in cfg.prompts.classes if class_slug(c) not in {class_slug(n) for n in by_class}]
+    if absent:
+        raise ConfigError(
+            f"prompts.classes {absent} have no images in the generate run {cfg.run!r} (it has {sorted(by_class)}), "
+            "so the synthetic domain lacks them. Fix: generate them (rerun the generate stage with these "
+            "prompts.classes under a new run name) or remove them from prompts.classes"
+        )
+    ignored_classes = {n: len(ids) for n, ids in sorted(by_class.items()) if class_slug(n) not in ours}
+
+    splits: dict[str, list[Item]] = {"train": [], "test": []}
+    available, unused, notes = {}, {}, {}
+    for label, class_name in enumerate(cfg.prompts.classes):
+        ids = next(ids for n, ids in by_class.items() if class_slug(n) == class_slug(class_name))
+        order = seeded_order(ids, d.seed, "synthetic", class_name)
+        n_train, n_test, note = synthetic_split_sizes(len(order), d.synthetic_train_per_class, d.synthetic_test_per_class)
+        available[class_name] = len(order)
+        unused[class_name] = len(order) - n_train - n_test
+        if note:
+            notes[class_name] = note
+            log.warning("dataset: synthetic class %r: %s", class_name, note)
+        for split, chosen in (("train", order[:n_train]), ("test", order[n_train : n_train + n_test])):
+            for image_id in chosen:
+                source = layout.generate_shard(shard_of[image_id])
+                splits[split].append(Item(id=image_id, label=label, class_name=class_name, source=source))
+
+    # Image bytes, one shard read at a time, only for the chosen ids.
+    wanted = {item.id: item for items in splits.values() for item in items}
+    for shard in sorted({shard_of[i] for i in wanted}):
+        key = layout.generate_shard(shard)
+        if not storage.exists(key):
+            raise ConfigError(
+                f"the generate manifest lists images in {storage.uri(key)}, which is missing. Fix: rerun the "
+                "generate stage for this run (it remakes only missing shards)"
+            )
+        table = storage.read_parquet(key, columns=["id", "image"])
+        for image_id, data in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
+            if image_id in wanted:
+                wanted[image_id].data = data
+    lost = [i for i, item in wanted.items() if item.data is None]
+    if lost:
+        raise ConfigError(
+            f"{len(lost)} images in the generate manifest are not in their shards (e.g. {lost[0]!r}). Fix: delete "
+            f"{storage.uri(layout.stage('generate'))} and rerun the generate stage"
+        )
+    info = {
+        "source": "generate",
+        "manifest": storage.uri(layout.generate_manifest),
+        "available_per_class": available,
+        "unused_per_class": unused,
+        "proportional_split": notes,
+        "ignored_classes": ignored_classes,
+    }
+    return DomainItems(splits=splits, info=info)
+
+
+# --------------------------------------------------------------------------------------------
+# Images: decode, check, normalise to square RGB PNG
+# --------------------------------------------------------------------------------------------
+
+
+def _to_square_rgb(img, size: int):
+    """Centre-crop to a square (keeps the aspect ratio; subjects are usually central), then resize."""
+    from PIL import Image
+
+    w, h = img.size
+    if w != h:
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+    if img.size != (size, size):
+        # PIL's bilinear filter widens its support when shrinking, i.e. it antialiases.
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return img
+
+
+def normalize_image(item: Item, size: int) -> Optional[bytes]:
+    """PNG bytes of ``item`` as ``size`` x ``size`` RGB, or None if its bytes are not a readable image."""
+    from PIL import Image, ImageOps
+
+    from synth.generate import encode_png
+
+    if item.pixels is not None:
+        img = Image.fromarray(item.pixels)
+    else:
+        try:
+            img = Image.open(io.BytesIO(item.data or b""))
+            if img.format == "JPEG":
+                img.draft("RGB", (size, size))  # decode large JPEGs at a reduced scale (still >= size)
+            img.load()  # decode now: truncated or garbled data fails here, not later in training
+            if img.format == "PNG" and img.mode == "RGB" and img.size == (size, size):
+                return item.data  # already in the stored form (generate-stage shards): keep the bytes
+            img = ImageOps.exif_transpose(img).convert("RGB")  # camera orientation; drops alpha / palette
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            log.debug("dataset: skipping unreadable image %s (%s): %s", item.id, item.source, exc)
+            return None
+    return encode_png(np.asarray(_to_square_rgb(img, size)))
+
+
+def build_table(
+    items: list[Item], domain: str, size: int, classes: Sequence[str], reader: Optional[Storage] = None
+) -> tuple[pa.Table, int]:
+    """The stored table of one split, sorted by id, and how many images were unreadable and skipped."""
+    items = sorted(items, key=lambda item: item.id)
+    if reader is not None:
+        if reader.is_s3:
+            reader.client  # noqa: B018 -- create the boto3 client once, before threads share it
+
+        def fetch(item: Item) -> Item:
+            try:
+                item.data = reader.read_bytes(item.key or "")
+            except OSError as exc:  # vanished or unreadable file; StorageError (network, keys) propagates
+                log.debug("dataset: cannot read %s: %s", item.source, exc)
+                item.data = b""
+            return item
+
+        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+            items = list(pool.map(fetch, items))
+    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+    skipped = 0
+    for item in items:
+        png = normalize_image(item, size)
+        item.data = item.pixels = None  # free memory as we go
+        if png is None:
+            skipped += 1
+            continue
+        columns["id"].append(item.id)
+        columns["label"].append(item.label)
+        columns["class_name"].append(item.class_name)
+        columns["image"].append(png)
+        columns["domain"].append(domain)
+        columns["source"].append(item.source)
+    schema = SCHEMA.with_metadata({META_IMAGE_SIZE: str(size).encode(), META_CLASSES: "\x1f".join(classes).encode()})
+    return pa.table(columns, schema=schema), skipped
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def _counts(table: pa.Table, classes: Sequence[str]) -> dict[str, int]:
+    counts = Counter(table.column("class_name").to_pylist())
+    return {c: int(counts.get(c, 0)) for c in classes}
+
+
+def run_dataset(cfg: Config, storage: Optional[Storage] = None) -> dict:
+    """Build (or rebuild, identically) the real and synthetic splits of ``cfg.run``; returns the summary."""
+    from synth.runtime import write_stage_config, write_stage_summary
+
+    start = time.perf_counter()
+    storage = storage or Storage.from_config(cfg.storage)
+    layout = Layout(cfg.run)
+    d = cfg.dataset
+    classes = list(cfg.prompts.classes)
+
+    # 1. Fail fast: storage, then every input, before anything is written.
+    storage.check_writable()
+    domains: dict[str, DomainItems] = {}
+    if "real" in d.domains:
+        domains["real"] = cifar10_items(cfg) if d.real_source == "cifar10" else folder_items(cfg)
+    if "synthetic" in d.domains:
+        domains["synthetic"] = synthetic_items(cfg, storage)
+    write_stage_config(storage, cfg, "dataset")
+    removed = storage.remove_partials(layout.stage("dataset"))
+
+    summary: dict = {
+        "classes": classes,
+        "image_size": d.image_size,
+        "seed": d.seed,
+        "val_fraction": d.val_fraction,
+        "domains": {},
+        "tables": {},
+        "partial_writes_removed": removed,
+    }
+    for domain, found in domains.items():
+        # 2. Validation split from the training split, by id, before any image is decoded.
+        train, val = carve_val(found.splits["train"], d.val_fraction, d.seed, domain)
+        planned = {"train": train, "val": val, "test": found.splits["test"]}
+        report = dict(found.info)
+        report.update(images={}, per_class={}, skipped_corrupt={})
+        seen: dict[str, str] = {}
+        for split in SPLITS:
+            for item in planned[split]:
+                if item.id in seen:  # by construction impossible; a leak would void every number
+                    raise RuntimeError(f"{domain}: id {item.id!r} is in both {seen[item.id]} and {split}")
+                seen[item.id] = split
+            # 3. Decode, normalise and store each split.
+            table, skipped = build_table(planned[split], domain, d.image_size, classes, found.reader)
+            key = layout.dataset_split(domain, split)
+            storage.write_parquet(key, table)
+            report["images"][split] = table.num_rows
+            report["per_class"][split] = _counts(table, classes)
+            report["skipped_corrupt"][split] = skipped
+            summary["tables"][f"{domain}/{split}"] = storage.uri(key)
+            if skipped:
+                log.warning("dataset: %s/%s: skipped %d unreadable images", domain, split, skipped)
+        summary["domains"][domain] = report
+        log.info("dataset: %s: %s", domain, report["images"])
+    summary["wall_seconds"] = round(time.perf_counter() - start, 3)
+    return write_stage_summary(storage, cfg, "dataset", summary)
+
+
+# --------------------------------------------------------------------------------------------
+# Readers for the stages that follow
+# --------------------------------------------------------------------------------------------
+
+
+def load_split_table(storage: Storage, run: str, domain: str, split: str) -> pa.Table:
+    """The stored table of one split (columns as in :data:`SCHEMA`)."""
+    if domain not in DOMAINS:
+        raise ConfigError(f"domain {domain!r} is unknown; choose one of {', '.join(DOMAINS)}")
+    if split not in SPLITS:
+        raise ConfigError(f"split {split!r} is unknown; choose one of {', '.join(SPLITS)}")
+    key = Layout(run).dataset_split(domain, split)
+    if not storage.exists(key):
+        raise ConfigError(
+            f"{storage.uri(key)} does not exist. Fix: run the dataset stage for run {run!r} first "
+            f"(python -m ray_jobs.dataset <config>, with {domain!r} in dataset.domains)"
+        )
+    return storage.read_parquet(key)
+
+
+def decode_images(table: pa.Table) -> np.ndarray:
+    """(N, S, S, 3) uint8 from a split table's PNG column."""
+    from PIL import Image
+
+    meta = table.schema.metadata or {}
+    blobs = table.column("image").to_pylist()
+    if META_IMAGE_SIZE in meta:
+        size = int(meta[META_IMAGE_SIZE])
+    elif blobs:
+        size = Image.open(io.BytesIO(blobs[0])).size[0]
+    else:
+        size = 32
+    images = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
+    for i, data in enumerate(blobs):
+        images[i] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return images
+
+
+def load_split(storage: Storage, run: str, domain: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, S, S, 3) uint8 (S = dataset.image_size, 32 by default) and labels (N,) int64 of one split."""
+    table = load_split_table(storage, run, domain, split)
+    labels = table.column("label").to_numpy().astype(np.int64)
+    return decode_images(table), labels

@@ -1,0 +1,348 @@
+"""The dataset stage: real imports (CIFAR-10 archive / folder / S3, image folders), synthetic splits, errors."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ray_jobs._cli import main as cli_main
+from synth.config import ConfigError, load_config
+from synth.dataset import SPLITS, load_split, load_split_table, run_dataset, synthetic_split_sizes, val_size
+from synth.generate import ClassAwareTestGenerator, build_manifest, shard_rows, shard_table
+from synth.prompts import build_prompt_table
+from synth.storage import Layout, Storage
+from synth.testkit import write_cifar10_fixture, write_image_folder_fixture
+
+# Not CIFAR's order (bird=2, cat=3, dog=5 there): labels must be mapped by name.
+CLASSES = ["bird", "cat", "dog"]
+RUN = "t"
+
+
+def make_cfg(root, *overrides: str):
+    return load_config(
+        None,
+        [f"storage.root={root}", f"run={RUN}", f"prompts.classes=[{','.join(CLASSES)}]", "dataset.domains=[real]", *overrides],
+    )
+
+
+def tables(storage: Storage, domain: str) -> dict:
+    return {split: load_split_table(storage, RUN, domain, split) for split in SPLITS}
+
+
+def colour_labels(images: np.ndarray) -> np.ndarray:
+    """The label a class pattern encodes: labels 0, 1, 2 are red, green, blue (synth.testkit's palette)."""
+    return images.reshape(len(images), -1, 3).mean(axis=1).argmax(axis=1)
+
+
+def check_split_tables(storage: Storage, domain: str) -> dict:
+    """Shared invariants: schema, one label space, no id in two splits, images match their labels."""
+    ts = tables(storage, domain)
+    seen: set[str] = set()
+    for split, t in ts.items():
+        assert t.column_names == ["id", "label", "class_name", "image", "domain", "source"]
+        assert str(t.schema.field("label").type) == "int32"
+        ids = set(t.column("id").to_pylist())
+        assert len(ids) == t.num_rows and not ids & seen, f"{split} repeats ids"
+        seen |= ids
+        assert set(t.column("domain").to_pylist()) <= {domain}
+        assert [CLASSES[i] for i in t.column("label").to_pylist()] == t.column("class_name").to_pylist()
+        images, labels = load_split(storage, RUN, domain, split)
+        assert images.shape == (t.num_rows, 32, 32, 3) and images.dtype == np.uint8
+        assert labels.dtype == np.int64
+        np.testing.assert_array_equal(colour_labels(images), labels)
+    return ts
+
+
+def per_class(summary: dict, domain: str, split: str) -> dict:
+    return summary["domains"][domain]["per_class"][split]
+
+
+# --------------------------------------------------------------------------------------------
+# Real: CIFAR-10
+# --------------------------------------------------------------------------------------------
+
+
+def test_cifar_folder_and_archive_import_is_deterministic(tmp_path):
+    folder = write_cifar10_fixture(tmp_path / "fx", per_class_train=10, per_class_test=4, classes=CLASSES)
+    archive = write_cifar10_fixture(tmp_path / "fxa", per_class_train=10, per_class_test=4, classes=CLASSES, archive=True)
+    assert folder.name == "cifar-10-batches-py" and archive.name == "cifar-10-python.tar.gz"
+
+    summary = run_dataset(make_cfg(tmp_path / "a", f"dataset.real_path={folder}", "dataset.val_fraction=0.2"))
+    a = Storage(str(tmp_path / "a"))
+    ts = check_split_tables(a, "real")
+    # Official split kept: 10 classes x 10 train / x 4 test in the fixture, 3 configured classes kept.
+    assert per_class(summary, "real", "train") == {c: 8 for c in CLASSES}
+    assert per_class(summary, "real", "val") == {c: 2 for c in CLASSES}
+    assert per_class(summary, "real", "test") == {c: 4 for c in CLASSES}
+    assert summary["domains"]["real"]["skipped_corrupt"] == {"train": 0, "val": 0, "test": 0}
+    for split, prefix in (("train", "cifar10-train-"), ("val", "cifar10-train-"), ("test", "cifar10-test-")):
+        ids = ts[split].column("id").to_pylist()
+        assert all(i.startswith(prefix) for i in ids)
+    assert max(int(i.rsplit("-", 1)[1]) for i in ts["test"].column("id").to_pylist()) < 40  # index in CIFAR's test batch
+    assert a.exists(f"{RUN}/dataset/config.yaml") and a.read_json(f"{RUN}/dataset/summary.json")["stage"] == "dataset"
+
+    # The archive, the folder's parent, and a rerun all give identical tables.
+    run_dataset(make_cfg(tmp_path / "b", f"dataset.real_path={archive}", "dataset.val_fraction=0.2"))
+    run_dataset(make_cfg(tmp_path / "c", f"dataset.real_path={folder.parent}", "dataset.val_fraction=0.2"))
+    run_dataset(make_cfg(tmp_path / "a", f"dataset.real_path={folder}", "dataset.val_fraction=0.2"))
+    for root in ("b", "c", "a"):
+        other = tables(Storage(str(tmp_path / root)), "real")
+        assert all(other[s].equals(ts[s]) for s in SPLITS), root
+
+    # Another image size is a resize of the same images.
+    run_dataset(make_cfg(tmp_path / "d", f"dataset.real_path={archive}", "dataset.image_size=16"))
+    images, labels = load_split(Storage(str(tmp_path / "d")), RUN, "real", "test")
+    assert images.shape == (12, 16, 16, 3)
+    np.testing.assert_array_equal(colour_labels(images), labels)
+
+
+def test_cifar_from_s3_archive_and_folder(tmp_path, s3_server):
+    import boto3
+
+    bucket = f"data-{uuid.uuid4().hex[:10]}"
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    archive = write_cifar10_fixture(tmp_path / "fx", 6, 3, classes=CLASSES, archive=True)
+    folder = write_cifar10_fixture(tmp_path / "fx", 6, 3, classes=CLASSES)
+    client.upload_file(str(archive), bucket, "cifar/cifar-10-python.tar.gz")
+    for f in folder.iterdir():
+        client.upload_file(str(f), bucket, f"extracted/cifar-10-batches-py/{f.name}")
+
+    common = [f"storage.s3_endpoint_url={s3_server}"]
+    results = []
+    for prefix, real_path in (("out1", "cifar/cifar-10-python.tar.gz"), ("out2", "extracted")):
+        cfg = make_cfg(f"s3://{bucket}/{prefix}", f"dataset.real_path=s3://{bucket}/{real_path}", *common)
+        summary = run_dataset(cfg)
+        assert summary["domains"]["real"]["images"] == {"train": 15, "val": 3, "test": 9}
+        storage = Storage(f"s3://{bucket}/{prefix}", s3_server)
+        results.append(check_split_tables(storage, "real"))
+    assert all(results[0][s].equals(results[1][s]) for s in SPLITS)
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_dataset(make_cfg(f"s3://{bucket}/out3", f"dataset.real_path=s3://{bucket}/nope.tar.gz", *common))
+    with pytest.raises(ConfigError, match="lacks the CIFAR-10 files"):
+        run_dataset(make_cfg(f"s3://{bucket}/out3", f"dataset.real_path=s3://{bucket}/empty-prefix", *common))
+
+
+def test_cifar_errors_name_the_fix(tmp_path):
+    folder = write_cifar10_fixture(tmp_path / "fx", 2, 1)
+    with pytest.raises(ConfigError, match=r"unicorn.*not CIFAR-10 classes"):
+        run_dataset(make_cfg(tmp_path / "o", f"dataset.real_path={folder}", "prompts.classes=[cat,unicorn]"))
+
+    # A pickle that would run code is refused, not executed.
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": Evil()}))
+    with pytest.raises(ConfigError, match="not allowed"):
+        run_dataset(make_cfg(tmp_path / "o", f"dataset.real_path={folder}"))
+
+    (tmp_path / "junk.tar.gz").write_bytes(b"not an archive")
+    with pytest.raises(ConfigError, match="not a readable tar archive"):
+        run_dataset(make_cfg(tmp_path / "o", f"dataset.real_path={tmp_path / 'junk.tar.gz'}"))
+
+
+def test_missing_real_dataset_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(ConfigError) as err:
+        run_dataset(make_cfg(tmp_path / "o"))
+    assert "dataset.real_path" in str(err.value) and "dataset.download=true" in str(err.value)
+    with pytest.raises(ConfigError, match=r"does not exist.*dataset.download=true"):
+        run_dataset(make_cfg(tmp_path / "o", f"dataset.real_path={tmp_path / 'missing'}"))
+    with pytest.raises(ConfigError, match="dataset.real_source=folder needs dataset.real_path"):
+        run_dataset(make_cfg(tmp_path / "o", "dataset.real_source=folder"))
+    # The entrypoint turns it into one line and exit code 2.
+    code = cli_main("dataset", run_dataset, [f"storage.root={tmp_path / 'o'}", "dataset.domains=[real]"])
+    assert code == 2 and "dataset.real_path" in capsys.readouterr().err
+
+
+def test_config_validation():
+    for bad in ("dataset.val_fraction=0.9", "dataset.real_source=imagenet", "dataset.domains=[fake]",
+                "dataset.image_size=2", "dataset.synthetic_test_per_class=0"):  # fmt: skip
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, [bad])
+
+
+# --------------------------------------------------------------------------------------------
+# Real: image folders
+# --------------------------------------------------------------------------------------------
+
+
+def _write_odd_files(root: Path) -> None:
+    """One unreadable and one truncated image, stray files, and images needing conversion."""
+    good = (root / "test" / "dog" / "dog-0000.png").read_bytes()
+    (root / "train" / "cat" / "broken.png").write_bytes(b"this is not a png")
+    (root / "test" / "dog" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "train" / "README.txt").write_text("stray file")
+    (root / "train" / "cat" / ".DS_Store").write_bytes(b"\0")
+    # RGBA, not square, larger: converted, centre-cropped and resized.
+    rgba = np.zeros((40, 60, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 230, 255
+    Image.fromarray(rgba).save(root / "train" / "bird" / "big-rgba.png")
+    blue = np.zeros((50, 50, 3), np.uint8)
+    blue[..., 2] = 220
+    Image.fromarray(blue).save(root / "test" / "dog" / "photo.JPG", quality=95)
+
+
+def test_image_folders_local_and_s3_with_corrupt_files(tmp_path, s3_server):
+    import boto3
+
+    root = write_image_folder_fixture(tmp_path / "photos", CLASSES, per_class=6)
+    _write_odd_files(root)
+    folder_args = ["dataset.real_source=folder", "dataset.val_fraction=0.2"]
+    summary = run_dataset(make_cfg(tmp_path / "out", f"dataset.real_path={root}", *folder_args))
+    real = summary["domains"]["real"]
+    # train lists bird 7, cat 7 (one broken), dog 6; val takes 1 of each; test dog has 6 + 2.
+    assert real["skipped_corrupt"]["train"] + real["skipped_corrupt"]["val"] == 1
+    assert real["skipped_corrupt"]["test"] == 1
+    assert real["images"]["train"] + real["images"]["val"] == 19
+    assert per_class(summary, "real", "test") == {"bird": 6, "cat": 6, "dog": 7}
+    assert real["ignored_files"] == {"train": 2, "test": 0}
+    local = check_split_tables(Storage(str(tmp_path / "out")), "real")
+    assert "folder-test-dog-photo.JPG" in local["test"].column("id").to_pylist()
+
+    # The same folders on S3 give the same tables (up to the source column, which names where).
+    bucket = f"photos-{uuid.uuid4().hex[:10]}"
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    for f in root.rglob("*"):
+        if f.is_file():
+            client.upload_file(str(f), bucket, f"set/{f.relative_to(root).as_posix()}")
+    run_dataset(
+        make_cfg(
+            tmp_path / "out-s3", f"dataset.real_path=s3://{bucket}/set", f"storage.s3_endpoint_url={s3_server}", *folder_args
+        )
+    )
+    remote = tables(Storage(str(tmp_path / "out-s3")), "real")
+    for split in SPLITS:
+        assert remote[split].drop_columns(["source"]).equals(local[split].drop_columns(["source"]))
+    assert remote["test"].column("source")[0].as_py().startswith(f"s3://{bucket}/set/test/")
+
+
+def test_image_folders_must_match_the_classes(tmp_path):
+    extra = write_image_folder_fixture(tmp_path / "extra", [*CLASSES, "horse"], per_class=1)
+    with pytest.raises(ConfigError, match=r"\['horse'\] are not in prompts.classes"):
+        run_dataset(make_cfg(tmp_path / "o", "dataset.real_source=folder", f"dataset.real_path={extra}"))
+    short = write_image_folder_fixture(tmp_path / "short", CLASSES, per_class=1)
+    for f in (short / "test" / "dog").iterdir():
+        f.unlink()
+    with pytest.raises(ConfigError, match=r"\['dog'\] have no images under .*test/"):
+        run_dataset(make_cfg(tmp_path / "o", "dataset.real_source=folder", f"dataset.real_path={short}"))
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic: splits of the generate stage's output
+# --------------------------------------------------------------------------------------------
+
+
+def write_generate_run(cfg, storage: Storage, corrupt_ids: set[str] = frozenset()) -> None:
+    """The generate stage's stored output (shards + manifest) without Ray: the same tables, faster."""
+    layout = Layout(cfg.run)
+    prompts = build_prompt_table(cfg)
+    generator = ClassAwareTestGenerator(cfg.generate, cfg.prompts.classes)
+    shards = shard_rows(prompts, cfg.generate.shard_size)
+    for k, rows in enumerate(shards):
+        images = generator.generate([r["prompt"] for r in rows], [r["negative"] for r in rows], [r["seed"] for r in rows])
+        table = shard_table(rows, images.small, k, cfg.generate)
+        if corrupt_ids & {r["id"] for r in rows}:
+            pngs = table.column("image").to_pylist()
+            pngs = [b"\x89PNG\r\n\x1a\n garbage" if r["id"] in corrupt_ids else png for r, png in zip(rows, pngs)]
+            table = table.set_column(table.column_names.index("image"), "image", [pngs])
+        storage.write_parquet(layout.generate_shard(k), table)
+    manifest = build_manifest(storage, layout, prompts.column("id").to_pylist(), len(shards))
+    storage.write_parquet(layout.generate_manifest, manifest)
+
+
+def synthetic_cfg(root, *overrides: str):
+    return make_cfg(
+        root,
+        "dataset.domains=[synthetic]",
+        "generate.generator=class_aware_test",
+        "prompts.per_class=12",
+        "generate.shard_size=8",
+        *overrides,
+    )
+
+
+def test_synthetic_proportional_split(tmp_path):
+    cfg = synthetic_cfg(tmp_path)  # default 5000 / 1000 per class, but only 12 images per class
+    storage = Storage(str(tmp_path))
+    write_generate_run(cfg, storage)
+    summary = run_dataset(cfg)
+    syn = summary["domains"]["synthetic"]
+    # 12 images at 5:1 -> 10 train / 2 test; val_fraction 0.1 moves 1 of the 10 to val.
+    assert syn["images"] == {"train": 27, "val": 3, "test": 6}
+    assert per_class(summary, "synthetic", "test") == {c: 2 for c in CLASSES}
+    assert set(syn["proportional_split"]) == set(CLASSES) and "10 train / 2 test" in syn["proportional_split"]["cat"]
+    ts = check_split_tables(storage, "synthetic")
+    assert all(s.startswith(f"{RUN}/generate/shards/shard-") for s in ts["train"].column("source").to_pylist())
+    # Ids are the manifest's, and every image of a class is used.
+    manifest_ids = set(storage.read_parquet(Layout(RUN).generate_manifest).column("id").to_pylist())
+    assert set().union(*(set(t.column("id").to_pylist()) for t in ts.values())) == manifest_ids
+
+    # Deterministic for a seed; another seed draws other test images.
+    run_dataset(cfg)
+    assert all(tables(storage, "synthetic")[s].equals(ts[s]) for s in SPLITS)
+    run_dataset(synthetic_cfg(tmp_path, "dataset.seed=1"))
+    assert tables(storage, "synthetic")["test"].column("id").to_pylist() != ts["test"].column("id").to_pylist()
+
+
+def test_synthetic_corrupt_images_are_counted_and_move_nothing(tmp_path):
+    overrides = ("dataset.synthetic_train_per_class=6", "dataset.synthetic_test_per_class=3")
+    cfg = synthetic_cfg(tmp_path, *overrides)
+    storage = Storage(str(tmp_path))
+    write_generate_run(cfg, storage)
+    summary = run_dataset(cfg)
+    syn = summary["domains"]["synthetic"]
+    assert syn["proportional_split"] == {} and syn["unused_per_class"] == {c: 3 for c in CLASSES}
+    assert per_class(summary, "synthetic", "train") == {c: 5 for c in CLASSES}
+    assert per_class(summary, "synthetic", "val") == {c: 1 for c in CLASSES}
+    before = {s: t.column("id").to_pylist() for s, t in tables(storage, "synthetic").items()}
+
+    victim = before["test"][0]
+    write_generate_run(cfg, storage, corrupt_ids={victim})
+    summary = run_dataset(cfg)
+    assert summary["domains"]["synthetic"]["skipped_corrupt"] == {"train": 0, "val": 0, "test": 1}
+    after = {s: t.column("id").to_pylist() for s, t in tables(storage, "synthetic").items()}
+    assert after["test"] == [i for i in before["test"] if i != victim]
+    assert after["train"] == before["train"] and after["val"] == before["val"]
+
+
+def test_synthetic_needs_a_generate_run_with_every_class(tmp_path):
+    with pytest.raises(ConfigError, match=r"no generate manifest.*ray_jobs.generate"):
+        run_dataset(synthetic_cfg(tmp_path))
+    storage = Storage(str(tmp_path))
+    write_generate_run(synthetic_cfg(tmp_path, "prompts.classes=[bird,cat]"), storage)
+    with pytest.raises(ConfigError, match=r"\['dog'\] have no images in the generate run"):
+        run_dataset(synthetic_cfg(tmp_path))
+
+
+def test_split_size_rules():
+    assert synthetic_split_sizes(6000, 5000, 1000)[:2] == (5000, 1000)
+    assert synthetic_split_sizes(12, 5000, 1000)[:2] == (10, 2)
+    assert synthetic_split_sizes(3, 5000, 1000)[:2] == (2, 1)  # at least one test image
+    assert synthetic_split_sizes(1, 5000, 1000)[:2] == (0, 1)
+    assert [val_size(n, 0.1) for n in (0, 1, 2, 10, 5000)] == [0, 0, 1, 1, 500]
+    assert val_size(10, 0.0) == 0
+
+
+@pytest.mark.slow
+def test_generate_then_dataset_share_one_label_space(tmp_path, ray_local):
+    """The real chain: generate on Ray (class_aware_test), then both domains from one config."""
+    from synth.generate import run_generate
+
+    real = write_cifar10_fixture(tmp_path / "fx", 5, 2, classes=CLASSES, archive=True)
+    cfg = synthetic_cfg(tmp_path / "out", "dataset.domains=[real,synthetic]", f"dataset.real_path={real}")
+    run_generate(cfg)
+    summary = run_dataset(cfg)
+    assert summary["domains"]["real"]["images"] == {"train": 12, "val": 3, "test": 6}
+    assert summary["domains"]["synthetic"]["images"] == {"train": 27, "val": 3, "test": 6}
+    storage = Storage(str(tmp_path / "out"))
+    for domain in ("real", "synthetic"):
+        check_split_tables(storage, domain)  # colours match labels in both: the same label space
