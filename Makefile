@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TINY_SD := .cache/models/tiny-sd
+CIFAR_FIXTURE := .cache/data/cifar10-fixture
 
 .PHONY: setup smoke test bench clean
 
@@ -14,6 +15,7 @@ $(PY):
 setup: $(PY)
 	$(PY) -m pip install --quiet -e ".[test]"
 	@test -f $(TINY_SD)/model_index.json || $(PY) -m synth.testkit tiny-sd $(TINY_SD)
+	@test -f $(CIFAR_FIXTURE)/cifar-10-batches-py/batches.meta || $(PY) -m synth.testkit cifar10-fixture $(CIFAR_FIXTURE)
 
 # The main job on this machine, on the smoke preset (tiny random-weight pipeline, CPU).
 smoke: setup

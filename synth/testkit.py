@@ -9,7 +9,7 @@
   fixtures use it, so a classifier trained on one and tested on the other is far above chance only
   if labels and ids survived the whole chain.
 
-Usage: ``python -m synth.testkit tiny-sd <folder>``.
+Usage: ``python -m synth.testkit tiny-sd <folder>`` or ``cifar10-fixture <folder>``.
 """
 
 from __future__ import annotations
@@ -334,13 +334,24 @@ def write_image_folder_fixture(
     return folder
 
 
+USAGE = """usage:
+  python -m synth.testkit tiny-sd <folder>                     random-weight tiny Stable Diffusion pipeline
+  python -m synth.testkit cifar10-fixture <folder> [TRAIN TEST] class-aware CIFAR-10 python-format fixture
+"""
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] != "tiny-sd":
-        print("usage: python -m synth.testkit tiny-sd <folder>", file=sys.stderr)
-        return 2
-    folder = build_tiny_random_sd_pipeline(argv[1])
-    print(f"tiny random-weight Stable Diffusion pipeline written to {folder}")
-    return 0
+    if len(argv) == 2 and argv[0] == "tiny-sd":
+        folder = build_tiny_random_sd_pipeline(argv[1])
+        print(f"tiny random-weight Stable Diffusion pipeline written to {folder}")
+        return 0
+    if len(argv) in (2, 4) and argv[0] == "cifar10-fixture":
+        train, test = (int(argv[2]), int(argv[3])) if len(argv) == 4 else (40, 10)
+        folder = write_cifar10_fixture(argv[1], per_class_train=train, per_class_test=test)
+        print(f"class-aware CIFAR-10 fixture ({train} train / {test} test per class) written to {folder}")
+        return 0
+    print(USAGE, file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def test_presets_override_base():
     smoke = load_config(CONFIGS / "smoke.yaml")
     full = load_config(CONFIGS / "full.yaml")
     assert smoke.prompts.classes == ["bird", "cat", "deer", "dog", "frog", "horse"]  # from base.yaml
-    assert smoke.prompts.per_class == 16 and full.prompts.per_class == 6000
+    assert smoke.prompts.per_class == 32 and full.prompts.per_class == 6000
     assert full.generate.model == "stabilityai/sd-turbo"
 
 

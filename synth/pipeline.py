@@ -1,0 +1,45 @@
+"""The whole chain: prompts -> generate -> dataset -> train -> report, each stage resumable.
+
+Every stage reads what the one before wrote to storage, so this is only their sequence; a rerun
+skips finished work stage by stage (generate by shard, train by (experiment, seed)).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+from synth.config import Config
+from synth.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def run_pipeline(cfg: Config, storage: Optional[Storage] = None) -> dict:
+    from synth.dataset import run_dataset
+    from synth.generate import run_generate
+    from synth.prompts import run_prompts
+    from synth.report import run_report
+    from synth.train import run_train
+
+    storage = storage or Storage.from_config(cfg.storage)
+    storage.check_writable()
+    summaries: dict[str, dict] = {}
+    start = time.perf_counter()
+    for name, stage in (
+        ("prompts", run_prompts),
+        ("generate", run_generate),
+        ("dataset", run_dataset),
+        ("train", run_train),
+        ("report", run_report),
+    ):
+        log.info("pipeline: stage %s", name)
+        summaries[name] = stage(cfg, storage)
+    return {
+        "run": cfg.run,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "report": summaries["report"].get("html"),
+        "report_markdown": summaries["report"].get("markdown"),
+        "stages": {name: s.get("wall_seconds") for name, s in summaries.items()},
+    }
