@@ -152,12 +152,45 @@ class DatasetConfig:
     # Share of each training split held out for model selection and tuning (never a test split).
     val_fraction: float = 0.1
     seed: int = 0
+    # Side of the square RGB images stored in every split (both domains are resized to it).
+    image_size: int = 32
+    # Which domains to build: [real] prepares real data before any images are generated.
+    domains: List[str] = field(default_factory=lambda: ["real", "synthetic"])
 
 
 @dataclass
 class TrainConfig:
+    # Which cells of the train-domain x test-domain matrix to run, and how often.
+    # Train domains: real | synthetic | mixture; each model is tested on every test domain.
+    experiments: List[str] = field(default_factory=lambda: ["real", "synthetic", "mixture"])
+    test_domains: List[str] = field(default_factory=lambda: ["real", "synthetic", "mixture"])
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    # Share of synthetic images in the mixture's training set. Its size is fixed at
+    # min(real train, synthetic train) images, so every fraction trains on as many images.
+    mixture_synthetic_fraction: float = 0.5
+    # Resources: Ray Train workers (DDP ranks), GPUs (None: use them when the cluster has them),
+    # and how many worker-group failures Ray retries from the last checkpoint.
     num_workers: int = 1
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
+    max_failures: int = 3
+    # Network: multiplies airbench94's 64/256/256 channel widths (same in every cell).
+    width: float = 1.0
+    # Budget, identical in every cell: the global batch (split evenly across workers) and the
+    # number of optimizer steps; epochs follow from steps, batch and training-set size.
+    batch_size: int = 1024
+    steps: int = 500  # ~10 epochs of 50k images (airbench94: 9.9), ~19 of 27k
+    # SGD with Nesterov momentum: airbench94's recipe in PyTorch units on the batch-mean loss.
+    lr: float = 1.5  # peak learning rate per 1024 images: the step uses lr * batch_size / 1024
+    momentum: float = 0.85
+    weight_decay: float = 1.33e-3  # SGD weight_decay (L2); BatchNorm biases: lr x64, decay /64
+    label_smoothing: float = 0.2
+    # The lr rises linearly from 0.2x to 1x over this share of steps, then falls to 0.07x.
+    warmup_fraction: float = 0.23
+    # Random-crop augmentation: reflect-pad by this many pixels, crop back (flips always on).
+    translate: int = 2
+    # Test-time augmentation for validation and test: 0 none, 1 mirror, 2 mirror + 1-px shifts.
+    tta_level: int = 2
+    eval_batch_size: int = 2048
 
 
 @dataclass
@@ -321,3 +354,86 @@ def validate(cfg: Config) -> None:
         "must be in [0, 8], or null to use 1 when the cluster has GPUs and 0 otherwise",
     )
     _require(1 <= g.shard_size <= 100_000, "generate.shard_size", g.shard_size, "must be in [1, 100000]")
+    _validate_dataset(cfg)
+
+    t = cfg.train
+    train_domains, test_domains = ("real", "synthetic", "mixture"), ("real", "synthetic", "mixture")
+    _require(
+        len(t.experiments) > 0 and len(set(t.experiments)) == len(t.experiments) and set(t.experiments) <= set(train_domains),
+        "train.experiments",
+        t.experiments,
+        f"give distinct training domains from {list(train_domains)}, e.g. train.experiments=[real,synthetic]",
+    )
+    _require(
+        len(t.test_domains) > 0 and len(set(t.test_domains)) == len(t.test_domains) and set(t.test_domains) <= set(test_domains),
+        "train.test_domains",
+        t.test_domains,
+        f"give distinct test domains from {list(test_domains)}, e.g. train.test_domains=[real]",
+    )
+    _require(
+        len(t.seeds) > 0 and len(set(t.seeds)) == len(t.seeds) and all(0 <= s < 2**31 for s in t.seeds),
+        "train.seeds",
+        t.seeds,
+        "give distinct non-negative integers, e.g. train.seeds=[0,1,2]",
+    )
+    _require(
+        0.0 <= t.mixture_synthetic_fraction <= 1.0,
+        "train.mixture_synthetic_fraction",
+        t.mixture_synthetic_fraction,
+        "must be in [0, 1] (0: all real, 1: all synthetic)",
+    )
+    _require(1 <= t.num_workers <= 1024, "train.num_workers", t.num_workers, "must be in [1, 1024]")
+    _require(0 <= t.max_failures <= 100, "train.max_failures", t.max_failures, "must be in [0, 100]")
+    _require(1 / 64 <= t.width <= 8.0, "train.width", t.width, "must be in [1/64, 8] (1.0 is airbench94's 64/256/256 channels)")
+    _require(1 <= t.batch_size <= 65536, "train.batch_size", t.batch_size, "must be in [1, 65536]")
+    _require(
+        t.batch_size % t.num_workers == 0,
+        "train.batch_size",
+        t.batch_size,
+        f"must be divisible by train.num_workers={t.num_workers} (it is the global batch, split evenly)",
+    )
+    _require(1 <= t.steps <= 10_000_000, "train.steps", t.steps, "must be at least 1 optimizer step")
+    _require(0.0 < t.lr <= 100.0, "train.lr", t.lr, "must be in (0, 100]; 1.5 per 1024 images is airbench94's")
+    _require(0.0 <= t.momentum < 1.0, "train.momentum", t.momentum, "must be in [0, 1)")
+    _require(0.0 <= t.weight_decay <= 1.0, "train.weight_decay", t.weight_decay, "must be in [0, 1]")
+    _require(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", t.label_smoothing, "must be in [0, 1)")
+    _require(0.0 <= t.warmup_fraction < 1.0, "train.warmup_fraction", t.warmup_fraction, "must be in [0, 1)")
+    _require(0 <= t.translate <= 8, "train.translate", t.translate, "must be in [0, 8] pixels (0 turns random crops off)")
+    _require(t.tta_level in (0, 1, 2), "train.tta_level", t.tta_level, "choose 0 (none), 1 (mirror) or 2 (mirror + shifts)")
+    _require(1 <= t.eval_batch_size <= 65536, "train.eval_batch_size", t.eval_batch_size, "must be in [1, 65536]")
+
+
+REAL_SOURCES = ("cifar10", "folder")
+DATASET_DOMAINS = ("real", "synthetic")
+
+
+def _validate_dataset(cfg: Config) -> None:
+    # Whether the real data exists is checked by the dataset stage, not here: other stages
+    # (prompts, generate) run with the same config and must not need it.
+    d = cfg.dataset
+    _require(d.real_source in REAL_SOURCES, "dataset.real_source", d.real_source, f"choose one of {', '.join(REAL_SOURCES)}")
+    _require(
+        d.real_path is None or bool(d.real_path.strip()),
+        "dataset.real_path",
+        d.real_path,
+        "give a local path or s3:// URI, or leave it unset (null)",
+    )
+    _require(bool(d.download_dir.strip()), "dataset.download_dir", d.download_dir, "give a local folder")
+    _require(
+        d.synthetic_train_per_class >= 1,
+        "dataset.synthetic_train_per_class",
+        d.synthetic_train_per_class,
+        "must be at least 1",
+    )
+    _require(
+        d.synthetic_test_per_class >= 1, "dataset.synthetic_test_per_class", d.synthetic_test_per_class, "must be at least 1"
+    )
+    _require(0.0 <= d.val_fraction <= 0.5, "dataset.val_fraction", d.val_fraction, "must be in [0, 0.5]")
+    _require(d.seed >= 0, "dataset.seed", d.seed, "must be a non-negative integer")
+    _require(4 <= d.image_size <= 1024, "dataset.image_size", d.image_size, "must be in [4, 1024]")
+    _require(
+        len(d.domains) > 0 and len(set(d.domains)) == len(d.domains) and set(d.domains) <= set(DATASET_DOMAINS),
+        "dataset.domains",
+        d.domains,
+        f"give distinct domains from {list(DATASET_DOMAINS)}, e.g. dataset.domains=[real]",
+    )

@@ -238,7 +238,8 @@ def write_cifar10_fixture(
     The files are those of ``cifar-10-python.tar.gz`` (``batches.meta``, ``data_batch_1..5``,
     ``test_batch``: pickled dicts with bytes keys, ``b"data"`` rows of 3072 uint8 in CHW order),
     holding ``per_class_*`` images of each of the 10 CIFAR classes in shuffled order. An image of
-    a class at position ``i`` in ``classes`` (default: CIFAR's own order) is
+    a class at position ``i`` in ``classes`` (default: the six animal classes of the default
+    config, so the fixture matches ``prompts.classes`` unless that is changed) is
     ``class_pattern_image(i, ...)``, the pattern the ``class_aware_test`` generator draws for
     label ``i``; CIFAR classes not in ``classes`` get the following labels' patterns.
 
@@ -250,7 +251,9 @@ def write_cifar10_fixture(
     import tarfile
 
     folder = Path(folder)
-    classes = list(classes) if classes is not None else list(CIFAR10_LABEL_NAMES)
+    from synth.config import CIFAR10_ANIMALS
+
+    classes = list(classes) if classes is not None else list(CIFAR10_ANIMALS)
     unknown = [c for c in classes if c not in CIFAR10_LABEL_NAMES]
     if unknown:
         raise ValueError(f"classes {unknown} are not CIFAR-10 classes ({', '.join(CIFAR10_LABEL_NAMES)})")

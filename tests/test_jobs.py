@@ -77,7 +77,7 @@ def test_prompts_job_writes_table_config_and_summary(tmp_path):
     result = run_job("prompts", SMOKE, f"storage.root={tmp_path}", "prompts.classes=[oil painting,pencil drawing]")
     assert result.returncode == 0, result.stderr
     storage, layout = Storage(str(tmp_path)), Layout("smoke")
-    assert storage.read_parquet(layout.prompts_table).num_rows == 32
+    assert storage.read_parquet(layout.prompts_table).num_rows == 2 * 32  # smoke: 32 per class
     assert storage.read_json(layout.summary("prompts"))["techniques"]["template"] > 0
     config = storage.read_bytes(layout.config_file("prompts")).decode()
     assert config.startswith("# synth 0.1.0") and "oil painting" in config
@@ -87,12 +87,18 @@ def test_prompts_job_writes_table_config_and_summary(tmp_path):
 def ray_head(tmp_path):
     """A `ray start --head` cluster in its own temp dir; stopped by killing its process group."""
     port, dashboard = free_port(), free_port()
+    # Every listening port explicit: another Ray instance on this machine holds the defaults.
+    agent_ports = [
+        f"--{flag}={free_port()}"
+        for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                     "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
+    ]  # fmt: skip
     temp_dir = Path("/tmp") / f"synth-ray-{os.getpid()}-{port}"  # unix socket paths must stay short
     proc = subprocess.Popen(
         [
             "ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
             "--dashboard-host=127.0.0.1", "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp_dir}",
-            "--disable-usage-stats", "--include-dashboard=true",
+            "--disable-usage-stats", "--include-dashboard=true", *agent_ports,
         ],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
@@ -100,12 +106,13 @@ def ray_head(tmp_path):
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": address}
-    deadline = time.time() + 120
+    # Ready means a job can run: the dashboard answers before its job agent does.
+    deadline = time.time() + 180
     while time.time() < deadline:
-        ok = subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True, timeout=60)
-        if ok.returncode == 0:
+        probe = ["ray", "job", "submit", "--address", address, "--", "python", "-c", "pass"]
+        if subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0:
             break
-        time.sleep(1)
+        time.sleep(2)
     else:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("ray start --head did not come up")

@@ -8,13 +8,15 @@ from conftest import REPO
 from synth.config import load_config
 from synth.storage import Storage
 
+CLASSES = ["bird", "cat", "deer", "dog", "frog", "horse"]
+
 
 @pytest.mark.slow
 def test_class_aware_chain_transfers_from_synthetic_to_real(tmp_path, ray_local):
     from synth.pipeline import run_pipeline
     from synth.testkit import write_cifar10_fixture
 
-    real = write_cifar10_fixture(tmp_path / "cifar", per_class_train=40, per_class_test=10)
+    real = write_cifar10_fixture(tmp_path / "cifar", per_class_train=40, per_class_test=10, classes=CLASSES)
     cfg = load_config(
         REPO / "configs" / "smoke.yaml",
         [

@@ -1,0 +1,244 @@
+"""synth.train: the experiment matrix on learnable class-pattern data, through Ray Train on CPU.
+
+One local Ray instance serves the module. The data: small real/synthetic tables in the dataset
+stage's format, drawn with ``class_pattern_image`` (colour and stripe direction encode the
+class), so a tiny CNN learns them in a few dozen steps and anything near chance means labels,
+shards or evaluation went wrong.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from synth.config import load_config
+from synth.model import ArchitectureMismatchError, architecture, build_model, load_model, predict_logits
+from synth.storage import Layout, Storage
+from synth.testkit import class_pattern_image
+from synth.train import (
+    STATE_FILE,
+    Split,
+    budget,
+    flip_and_crop,
+    lr_factor,
+    mixture,
+    read_split,
+    restore_state,
+    run_train,
+    train_experiment,
+)
+
+PER_CLASS = {"train": 32, "val": 8, "test": 16}
+# Width 1/8 (33k parameters), 3 steps per epoch, 8 epochs: seconds on a CPU, >90% accuracy.
+TINY = ["train.width=0.125", "train.batch_size=64", "train.steps=24", "train.eval_batch_size=256", "train.seeds=[0]"]
+CHANCE = 1 / 6
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_dataset(storage: Storage, run: str, classes: list[str]) -> None:
+    """Real and synthetic train/val/test tables in the dataset stage's Parquet format."""
+    for d, domain in enumerate(("real", "synthetic")):
+        for s, (split, n) in enumerate(PER_CLASS.items()):
+            rows = [(label, i) for label in range(len(classes)) for i in range(n)]
+            seeds = [100_000 * d + 10_000 * s + 100 * label + i for label, i in rows]
+            table = pa.table(
+                {
+                    "id": [f"{domain}-{split}-{classes[label]}-{i}" for label, i in rows],
+                    "label": pa.array([label for label, _ in rows], pa.int32()),
+                    "class_name": [classes[label] for label, _ in rows],
+                    "image": pa.array([_png(class_pattern_image(y, seed)) for (y, _), seed in zip(rows, seeds)], pa.binary()),
+                    "domain": [domain] * len(rows),
+                    "source": ["test"] * len(rows),
+                }
+            )
+            storage.write_parquet(Layout(run).dataset_split(domain, split), table)
+
+
+def make_config(root: Path, run: str, *overrides: str):
+    return load_config(None, [f"run={run}", f"storage.root={root}", *TINY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(ray_local) -> str:
+    """The session's local Ray instance (conftest), by its GCS address."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="module")
+def matrix(root, ray_cluster):
+    """Every experiment once (seed 0), 1 worker; returns (config, storage, summary)."""
+    cfg = make_config(root, "matrix")
+    storage = Storage.from_config(cfg.storage)
+    write_dataset(storage, cfg.run, cfg.prompts.classes)
+    return cfg, storage, run_train(cfg, storage)
+
+
+# -- building blocks (no Ray) ----------------------------------------------------------------
+
+
+def test_schedule_and_budget():
+    assert lr_factor(0, 100, 0.25) == pytest.approx(0.2)
+    assert lr_factor(25, 100, 0.25) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 0.25) == pytest.approx(0.07)
+    plan = budget(train_images=1000, batch_size=100, steps=25, world_size=2)
+    assert plan == {"per_rank_batch": 50, "steps_per_epoch": 10, "epochs": 3}
+    with pytest.raises(ValueError, match="Fix: lower train.batch_size"):
+        budget(train_images=50, batch_size=64, steps=10, world_size=1)
+
+
+def test_flip_and_crop_moves_pixels_but_keeps_them():
+    torch.manual_seed(0)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    flipped = flip_and_crop(x, translate=0)
+    for a, b in zip(x, flipped):  # translate=0: each image is itself or its mirror
+        assert torch.equal(a, b) or torch.equal(a.flip(-1), b)
+    out = flip_and_crop(x.repeat(32, 1, 1, 1), translate=2)
+    assert out.shape == (64, 3, 8, 8)
+    # Reflect padding only reuses pixels of the image; some crops must differ from the original.
+    assert set(out.unique().tolist()) <= set(x.unique().tolist())
+    assert not all(torch.equal(o, x[i % 2]) or torch.equal(o, x[i % 2].flip(-1)) for i, o in enumerate(out))
+
+
+def test_mixture_has_fixed_size_and_the_asked_fraction():
+    real = Split(np.zeros((100, 4, 4, 3), np.uint8), np.zeros(100, np.int64))
+    synthetic = Split(np.ones((80, 4, 4, 3), np.uint8), np.ones(80, np.int64))
+    for fraction in (0.0, 0.25, 1.0):
+        mix = mixture(real, synthetic, fraction)
+        assert len(mix) == 80 and mix.labels.sum() == round(80 * fraction)
+        assert np.array_equal(mix.images[:, 0, 0, 0], mix.labels)  # images kept their labels
+
+
+def test_read_split_refuses_a_dataset_built_for_other_classes(tmp_path):
+    storage = Storage(str(tmp_path))
+    write_dataset(storage, "r", ["bird", "cat"])
+    split = read_split(storage, "r", "real", "val", ["bird", "cat"])
+    assert split.images.shape == (16, 32, 32, 3) and split.images.dtype == np.uint8 and split.skipped == 0
+    with pytest.raises(ValueError, match="do not match prompts.classes"):
+        read_split(storage, "r", "real", "val", ["cat", "bird"])
+
+
+# -- the stage through Ray Train ---------------------------------------------------------------
+
+
+def test_matrix_learns_and_writes_the_schema(matrix):
+    cfg, storage, summary = matrix
+    layout, classes = Layout(cfg.run), cfg.prompts.classes
+    expected_n = {"real": 6 * 16, "synthetic": 6 * 16, "mixture": 2 * 6 * 16}
+    for experiment in ("train-real", "train-synthetic", "train-mixture"):
+        m = storage.read_json(layout.train_metrics(experiment, 0))
+        assert {
+            "experiment", "train_domain", "seed", "classes", "architecture", "steps", "batch_size", "train_images",
+            "num_workers", "history", "val", "test", "wall_seconds", "train_images_per_second", "code_version",
+        } <= set(m)  # fmt: skip
+        assert m["experiment"] == experiment and m["train_domain"] == experiment[len("train-") :] and m["seed"] == 0
+        assert m["classes"] == classes and m["architecture"] == architecture(6, 0.125)
+        assert (m["steps"], m["batch_size"], m["num_workers"], m["train_images"]) == (24, 64, 1, 6 * 32)
+        assert [h["epoch"] for h in m["history"]] == list(range(1, 9)) and m["history"][-1]["step"] == 24
+        assert set(m["history"][0]) == {"epoch", "step", "train_loss", "val_accuracy", "val_loss", "seconds"}
+        assert m["history"][-1]["train_loss"] < m["history"][0]["train_loss"]
+        assert m["val"]["accuracy"] > 0.8 and m["train_images_per_second"] > 0 and m["wall_seconds"] > 0
+        assert set(m["test"]) == {"real", "synthetic", "mixture"}
+        for domain, t in m["test"].items():
+            cm = np.array(t["confusion_matrix"])
+            assert t["n"] == expected_n[domain] == cm.sum() and cm.shape == (6, 6)
+            assert np.trace(cm) / cm.sum() == pytest.approx(t["accuracy"])
+            assert cm.sum(axis=1).tolist() == [t["per_class"][c]["support"] for c in classes]  # rows: true labels
+            assert set(t["per_class"][classes[0]]) == {"precision", "recall", "f1", "support"}
+            assert t["accuracy"] > 0.8 > 3 * CHANCE, (experiment, domain, t["accuracy"])
+        # model.pt reproduces the stored real-test accuracy.
+        model, stored_classes = load_model(storage.read_bytes(layout.train_model(experiment, 0)), expected=architecture(6, 0.125))
+        test = read_split(storage, cfg.run, "real", "test", classes)
+        accuracy = (predict_logits(model, test.images, cfg.train.tta_level).argmax(1).numpy() == test.labels).mean()
+        assert stored_classes == classes and accuracy == pytest.approx(m["test"]["real"]["accuracy"])
+    assert summary["cells_trained"] == 3 and set(summary["accuracy"]) == {"train-real", "train-synthetic", "train-mixture"}
+    assert storage.read_json(layout.summary("train"))["cells_total"] == 3
+
+
+def test_rerun_skips_finished_cells(matrix):
+    cfg, storage, _ = matrix
+    before = storage.read_json(Layout(cfg.run).train_metrics("train-real", 0))
+    summary = run_train(cfg, storage)
+    assert summary["cells_already_done"] == 3 and summary["cells_trained"] == 0
+    assert storage.read_json(Layout(cfg.run).train_metrics("train-real", 0)) == before
+
+
+def test_two_workers_match_one_worker(matrix, root):
+    cfg1, storage, _ = matrix
+    one = storage.read_json(Layout(cfg1.run).train_metrics("train-real", 0))
+    cfg = make_config(root, "two-workers", "train.num_workers=2", "train.experiments=[real]", "train.test_domains=[real]")
+    write_dataset(storage, cfg.run, cfg.prompts.classes)
+    two = train_experiment(cfg, storage, "real", 0)
+    # Same global batch and step budget: each rank takes half of every batch.
+    assert two["num_workers"] == 2 and two["history"][-1]["step"] == one["history"][-1]["step"] == 24
+    assert len(two["history"]) == len(one["history"])
+    assert two["test"]["real"]["accuracy"] > 0.8
+    assert abs(two["test"]["real"]["accuracy"] - one["test"]["real"]["accuracy"]) < 0.15
+
+
+def test_checkpoint_from_another_width_is_refused(matrix):
+    cfg, _, _ = matrix
+    folder = Path(cfg.storage.root) / Layout(cfg.run).train_ray_results("train-real", 0)
+    checkpoint = sorted(glob.glob(str(folder / "*" / "checkpoint_*" / STATE_FILE)))[-1]
+    restore_state(checkpoint, build_model(6, 0.125))  # the matching network loads
+    with pytest.raises(ArchitectureMismatchError, match=r"width: 0\.125 there, 0\.25 here.*widths"):
+        restore_state(checkpoint, build_model(6, 0.25))
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_from_last_checkpoint(root, ray_cluster):
+    """Kill the driver (SIGKILL) after its first checkpoint; a rerun continues, not from epoch 0."""
+    overrides = ["train.experiments=[real]", "train.test_domains=[real]", "train.steps=30"]
+    cfg = make_config(root, "killed", *overrides)
+    storage = Storage.from_config(cfg.storage)
+    write_dataset(storage, cfg.run, cfg.prompts.classes)
+    # The killed driver joins this module's cluster, as a second `ray job submit` would.
+    argv = [f"run={cfg.run}", f"storage.root={root}", *TINY, *overrides, f"ray.address={ray_cluster}"]
+    code = "import sys; from ray_jobs._cli import main; from synth.train import run_train; "
+    code += f"sys.exit(main('train', run_train, {argv!r}))"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    driver = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, **quiet)
+    snapshots = str(Path(root) / Layout(cfg.run).train_ray_results("train-real", 0) / "*" / "checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and driver.poll() is None:
+            found = glob.glob(snapshots)
+            if found and json.loads(Path(found[0]).read_text() or "{}").get("checkpoint_results"):
+                break  # Ray Train has registered at least one checkpoint
+            time.sleep(0.05)
+        assert driver.poll() is None, "the driver finished (or failed) before it could be killed"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver's own process group: only what we started
+        driver.wait()
+    assert not storage.exists(Layout(cfg.run).train_metrics("train-real", 0))
+
+    summary = run_train(cfg, storage)
+    m = storage.read_json(Layout(cfg.run).train_metrics("train-real", 0))
+    assert summary["cells_trained"] == 1 and len(m["resumed_from_epochs"]) == 1
+    assert 1 <= m["resumed_from_epochs"][0] < 10  # resumed from a checkpoint, not from scratch
+    assert [h["epoch"] for h in m["history"]] == list(range(1, 11)) and m["history"][-1]["step"] == 30
+    assert m["test"]["real"]["accuracy"] > 0.8
