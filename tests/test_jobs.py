@@ -117,11 +117,12 @@ def ray_head(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("ray start --head did not come up")
     yield env
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started...
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # ...but drains for up to 30 s first; a test cluster needs no drain
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
 @pytest.mark.slow
