@@ -190,3 +190,23 @@ def test_killed_driver_then_rerun_completes_exactly_once(tmp_path, tiny_sd):
     summary = storage.read_json(layout.summary("generate"))
     assert summary["shards_generated"] == 0 and summary["images_generated"] == 0
     assert "Started a local Ray instance" not in finished.stderr + finished.stdout  # no Ray, no generator
+
+
+def test_full_resolution_images_are_kept_when_asked(tmp_path, ray_local):
+    import io
+
+    from PIL import Image
+
+    from synth.generate import run_generate
+
+    cfg = tiny_config(
+        tmp_path, "unused", "generate.generator=class_aware_test", "prompts.per_class=3", "generate.keep_full_resolution=true"
+    )
+    run_generate(cfg)
+    storage = Storage(str(tmp_path))
+    manifest, _ = read_generated(storage)
+    full = storage.list("t/generate/full")
+    assert len(full) == len(manifest) == 18
+    for r in manifest:
+        png = storage.read_bytes(f"t/generate/full/{r['class_name']}/{r['id']}.png")
+        assert Image.open(io.BytesIO(png)).size == (64, 64)
