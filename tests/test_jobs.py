@@ -15,6 +15,8 @@ from conftest import REPO, free_port
 from synth.storage import Layout, Storage
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
+# The `ray` CLI of this interpreter's environment, whether or not that environment is activated.
+RAY_CLI = str(Path(sys.executable).parent / "ray")
 
 
 def run_job(stage: str, *args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -94,22 +96,26 @@ def ray_head(tmp_path):
                      "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
     ]  # fmt: skip
     temp_dir = Path("/tmp") / f"synth-ray-{os.getpid()}-{port}"  # unix socket paths must stay short
+    address = f"http://127.0.0.1:{dashboard}"
+    # Job drivers run `python` from the cluster's PATH: this environment's, activated or not.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
     proc = subprocess.Popen(
         [
-            "ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
+            RAY_CLI, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
             "--dashboard-host=127.0.0.1", "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp_dir}",
             "--disable-usage-stats", "--include-dashboard=true", *agent_ports,
         ],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
     )  # fmt: skip
-    address = f"http://127.0.0.1:{dashboard}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": address}
+    env = {**env, "RAY_ADDRESS": address}
     # Ready means a job can run: the dashboard answers before its job agent does.
     deadline = time.time() + 180
     while time.time() < deadline:
-        probe = ["ray", "job", "submit", "--address", address, "--", "python", "-c", "pass"]
+        probe = [RAY_CLI, "job", "submit", "--address", address, "--", "python", "-c", "pass"]
         if subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0:
             break
         time.sleep(2)
@@ -130,7 +136,7 @@ def test_ray_job_submit_smoke_generate(tmp_path, tiny_sd, ray_head):
     out = tmp_path / "out"
     result = subprocess.run(
         [
-            "ray", "job", "submit", "--working-dir", str(REPO), "--",
+            RAY_CLI, "job", "submit", "--working-dir", str(REPO), "--",
             "python", "-m", "ray_jobs.generate", "configs/smoke.yaml",
             f"storage.root={out}", f"generate.model={tiny_sd}", "prompts.per_class=4", "generate.shard_size=4",
         ],
