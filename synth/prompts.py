@@ -96,6 +96,9 @@ def run_prompts(cfg: Config, storage=None) -> dict:
     from synth.runtime import write_stage_config, write_stage_summary
     from synth.storage import Layout, Storage
 
+    import time
+
+    start = time.perf_counter()
     storage = storage or Storage.from_config(cfg.storage)
     storage.check_writable()
     table = build_prompt_table(cfg)
@@ -114,6 +117,7 @@ def run_prompts(cfg: Config, storage=None) -> dict:
             "distinct_prompts": len(set(table.column("prompt").to_pylist())),
             "techniques": dict(techniques),
             "table": storage.uri(layout.prompts_table),
+            "wall_seconds": round(time.perf_counter() - start, 3),
         },
     )
 
