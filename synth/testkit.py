@@ -43,15 +43,43 @@ def build_tiny_clip_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
 
 
+def _save_random_sd_pipeline(out: Path, unet, vae, text_config: dict, dtype=None) -> Path:
+    """Assemble a Stable Diffusion pipeline around ``unet`` and ``vae`` (SD-Turbo's scheduler,
+    the byte-level tokenizer, a random CLIP text encoder from ``text_config``) and save it."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tiny_clip_tokenizer(Path(tmp))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **text_config,
+            )
+        )
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing", steps_offset=1
+        )
+        pipe = StableDiffusionPipeline(
+            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+        if dtype is not None:
+            pipe.to(dtype)
+        pipe.save_pretrained(out)
+    return out
+
+
 def build_tiny_random_sd_pipeline(out: str | Path, seed: int = 0) -> Path:
     """Write a random-weight Stable Diffusion pipeline (~1 MB) to ``out``; returns the folder."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    out = Path(out)
     torch.manual_seed(seed)
-    # Four VAE blocks give the real model's 8x downsampling: 64 px images use 8x8 latents.
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -64,6 +92,7 @@ def build_tiny_random_sd_pipeline(out: str | Path, seed: int = 0) -> Path:
         attention_head_dim=8,
         norm_num_groups=8,
     )
+    # Four VAE blocks give the real model's 8x downsampling: 64 px images use 8x8 latents.
     vae = AutoencoderKL(
         block_out_channels=(8, 16, 16, 16),
         in_channels=3,
@@ -75,36 +104,8 @@ def build_tiny_random_sd_pipeline(out: str | Path, seed: int = 0) -> Path:
         layers_per_block=1,
         sample_size=64,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tiny_clip_tokenizer(Path(tmp))
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing", steps_offset=1
-        )
-        pipe = StableDiffusionPipeline(
-            unet=unet,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.save_pretrained(out)
-    return out
+    text = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    return _save_random_sd_pipeline(Path(out), unet, vae, text)
 
 
 def build_full_size_random_sd_pipeline(out: str | Path, seed: int = 0) -> Path:
@@ -114,10 +115,8 @@ def build_full_size_random_sd_pipeline(out: str | Path, seed: int = 0) -> Path:
     Saved in float16 (~2.6 GB). The tokenizer is the tiny byte-level one; prompts still pad to 77.
     """
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    out = Path(out)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=64,
@@ -134,32 +133,9 @@ def build_full_size_random_sd_pipeline(out: str | Path, seed: int = 0) -> Path:
         layers_per_block=2,
         sample_size=768,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tiny_clip_tokenizer(Path(tmp))
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=1024,
-                intermediate_size=4096,
-                num_hidden_layers=23,
-                num_attention_heads=16,
-                hidden_act="gelu",
-                projection_dim=512,
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing", steps_offset=1
-        )
-        pipe = StableDiffusionPipeline(
-            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
-        pipe.to(torch.float16).save_pretrained(out)
-    return out
+    text = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
+            "hidden_act": "gelu", "projection_dim": 512}  # fmt: skip
+    return _save_random_sd_pipeline(Path(out), unet, vae, text, dtype=torch.float16)
 
 
 # -- class-aware images ----------------------------------------------------------------------
