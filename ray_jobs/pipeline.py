@@ -1,6 +1,6 @@
 """python -m ray_jobs.pipeline [config.yaml] [key=value ...]
 
-The whole chain (prompts, generate, dataset, train, report) as one job; prints where the report is.
+The whole chain (prompts, generate, dataset, train, tune, report) as one job; prints where the report is.
 """
 
 from ray_jobs._cli import main

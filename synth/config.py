@@ -194,6 +194,30 @@ class TrainConfig:
 
 
 @dataclass
+class TuneConfig:
+    # The sweep: every synthetic fraction r crossed with every seed, one trial each. Network,
+    # recipe and step budget come from train.* and are the same in every trial.
+    ratios: List[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    # fixed_budget: N = min(real train, synthetic train) images, round(r * N) of them synthetic,
+    #   the rest real (the train stage's mixture at every r), so only the composition changes;
+    # augment: every real train image plus round(r * real train) synthetic ones.
+    mode: str = "fixed_budget"
+    # Early stopping on real-val accuracy (ASHA, rungs counted in optimizer steps). Off by
+    # default: a stopped trial leaves its ratio with fewer test numbers in the final table.
+    asha: bool = False
+    asha_grace_steps: Optional[int] = None  # None: a quarter of train.steps
+    asha_reduction_factor: float = 3.0
+    # Resources of one trial (one model on one device); trials at once: None fits as many as
+    # the cluster's GPUs (or CPUs, without GPUs) allow.
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: Optional[float] = None  # None: 1 when the cluster has GPUs, else 0
+    max_concurrent_trials: Optional[int] = None
+    # Tune restarts a failed trial from its last per-epoch checkpoint this many times.
+    max_failures: int = 2
+
+
+@dataclass
 class Config:
     run: str = "default"
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -202,6 +226,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,6 +426,7 @@ def validate(cfg: Config) -> None:
     _require(0 <= t.translate <= 8, "train.translate", t.translate, "must be in [0, 8] pixels (0 turns random crops off)")
     _require(t.tta_level in (0, 1, 2), "train.tta_level", t.tta_level, "choose 0 (none), 1 (mirror) or 2 (mirror + shifts)")
     _require(1 <= t.eval_batch_size <= 65536, "train.eval_batch_size", t.eval_batch_size, "must be in [1, 65536]")
+    _validate_tune(cfg)
 
 
 REAL_SOURCES = ("cifar10", "folder")
@@ -437,3 +463,59 @@ def _validate_dataset(cfg: Config) -> None:
         d.domains,
         f"give distinct domains from {list(DATASET_DOMAINS)}, e.g. dataset.domains=[real]",
     )
+
+
+TUNE_MODES = ("fixed_budget", "augment")
+
+
+def _validate_tune(cfg: Config) -> None:
+    # Everything a sweep needs from the config is checked here, before Ray or any trial starts;
+    # whether the dataset holds enough images for the largest ratio is checked by the tune stage.
+    u = cfg.tune
+    _require(
+        len(u.ratios) > 0,
+        "tune.ratios",
+        u.ratios,
+        "give at least one synthetic fraction in [0, 1], e.g. tune.ratios=[0,0.5,1]",
+    )
+    for r in u.ratios:
+        _require(0.0 <= r <= 1.0, "tune.ratios", u.ratios, f"{r} is outside [0, 1]; every ratio is a synthetic fraction")
+    _require(
+        len({round(r, 6) for r in u.ratios}) == len(u.ratios),
+        "tune.ratios",
+        u.ratios,
+        "give distinct ratios (each ratio x seed is one trial)",
+    )
+    _require(
+        len(u.seeds) > 0 and len(set(u.seeds)) == len(u.seeds) and all(0 <= s < 2**31 for s in u.seeds),
+        "tune.seeds",
+        u.seeds,
+        "give distinct non-negative integers, e.g. tune.seeds=[0,1,2]",
+    )
+    _require(u.mode in TUNE_MODES, "tune.mode", u.mode, f"choose one of {', '.join(TUNE_MODES)}")
+    _require(
+        u.asha_grace_steps is None or 1 <= u.asha_grace_steps <= cfg.train.steps,
+        "tune.asha_grace_steps",
+        u.asha_grace_steps,
+        f"must be in [1, train.steps={cfg.train.steps}], or null for a quarter of train.steps",
+    )
+    _require(
+        u.asha_reduction_factor > 1.0,
+        "tune.asha_reduction_factor",
+        u.asha_reduction_factor,
+        "must be above 1 (3 keeps a third of the trials at each rung)",
+    )
+    _require(0.0 < u.cpus_per_trial <= 1024, "tune.cpus_per_trial", u.cpus_per_trial, "must be in (0, 1024]")
+    _require(
+        u.gpus_per_trial is None or 0.0 <= u.gpus_per_trial <= 8.0,
+        "tune.gpus_per_trial",
+        u.gpus_per_trial,
+        "must be in [0, 8], or null to use 1 when the cluster has GPUs and 0 otherwise",
+    )
+    _require(
+        u.max_concurrent_trials is None or u.max_concurrent_trials >= 1,
+        "tune.max_concurrent_trials",
+        u.max_concurrent_trials,
+        "must be at least 1, or null to fit as many trials as the cluster's resources allow",
+    )
+    _require(0 <= u.max_failures <= 100, "tune.max_failures", u.max_failures, "must be in [0, 100]")

@@ -1,7 +1,7 @@
-"""The whole chain: prompts -> generate -> dataset -> train -> report, each stage resumable.
+"""The whole chain: prompts -> generate -> dataset -> train -> tune -> report, each stage resumable.
 
 Every stage reads what the one before wrote to storage, so this is only their sequence; a rerun
-skips finished work stage by stage (generate by shard, train by (experiment, seed)).
+skips finished work stage by stage (generate by shard, train by (experiment, seed), tune by trial).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ def run_pipeline(cfg: Config, storage: Optional[Storage] = None) -> dict:
     from synth.prompts import run_prompts
     from synth.report import run_report
     from synth.train import run_train
+    from synth.tune import run_tune
 
     storage = storage or Storage.from_config(cfg.storage)
     storage.check_writable()
@@ -32,6 +33,7 @@ def run_pipeline(cfg: Config, storage: Optional[Storage] = None) -> dict:
         ("generate", run_generate),
         ("dataset", run_dataset),
         ("train", run_train),
+        ("tune", run_tune),
         ("report", run_report),
     ):
         log.info("pipeline: stage %s", name)

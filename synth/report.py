@@ -5,14 +5,15 @@ Reads what earlier stages stored under ``<run>/`` and writes ``<run>/report/``:
 - ``report.html``: self-contained (plots are base64 PNG data URIs, CSS is inline, nothing is
   fetched), so the one file can be mailed, archived or published as it is;
 - ``report.md``: the same content, referring to the PNGs beside it;
-- ``report.json``: the aggregated numbers, for tests and for the tune stage;
+- ``report.json``: the aggregated numbers (with the tune stage's sweep when it ran), for tests and tools;
 - one PNG per plot, and ``config.yaml`` / ``summary.json`` like every stage.
 
 Inputs:
 
 - required: ``<run>/train/<experiment>/seed-<seed>/metrics.json``, one per trained model;
-- optional: ``<run>/dataset/<domain>/<split>.parquet`` (composition table, sample grids) and each
-  earlier stage's ``config.yaml`` / ``summary.json`` (provenance). A missing optional input is
+- optional: ``<run>/dataset/<domain>/<split>.parquet`` (composition table, sample grids),
+  ``<run>/tune/results.json`` (the mixing-ratio sweep: table by ratio and accuracy-vs-r plot) and
+  each earlier stage's ``config.yaml`` / ``summary.json`` (provenance). A missing optional input is
   noted in the report, never fatal; a malformed metrics file is skipped, counted and named.
 
 The numbers. Rows of the headline matrix are train domains, columns test domains; each cell is
@@ -406,6 +407,7 @@ class Inputs:
     dataset_counts: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # domain -> split -> class -> n
     samples: dict[str, dict] = field(default_factory=dict)  # domain -> {"split", "classes", "images"}
     notes: list[str] = field(default_factory=list)
+    tune: Optional[dict] = None  # <run>/tune/results.json: the mixing-ratio sweep, when it ran
 
 
 def load_train_metrics(storage: Storage, run: str) -> tuple[list[dict], list[str], list[dict]]:
@@ -470,7 +472,24 @@ def load_inputs(storage: Storage, run: str, samples_per_class: int = SAMPLES_PER
             inputs.notes.append(f"{layout.summary(stage)} is not valid JSON ({exc}); its counts are left out.")
 
     _load_dataset(storage, run, inputs, samples_per_class)
+    inputs.tune = load_tune_results(storage, run, inputs)
     return inputs
+
+
+def load_tune_results(storage: Storage, run: str, inputs: Inputs) -> Optional[dict]:
+    """The tune stage's ``results.json`` (rows, table by ratio, best ratio), or None when it did not run."""
+    key = f"{Layout(run).tune_results}.json"
+    try:
+        document = storage.read_json(key)
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        inputs.notes.append(f"{key} is not valid JSON ({exc}); the mixing-ratio sweep is left out.")
+        return None
+    if not isinstance(document, dict) or not isinstance(document.get("table"), list) or not document["table"]:
+        inputs.notes.append(f"{key} holds no table by ratio; the mixing-ratio sweep is left out (rerun the tune stage).")
+        return None
+    return document
 
 
 def _read_table(storage: Storage, key: str, columns: list[str], inputs: Inputs) -> Optional[pa.Table]:
@@ -671,6 +690,53 @@ def plot_training_curves(metrics_list: Sequence[dict]) -> Optional[bytes]:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)
+    return _png(fig)
+
+
+TUNE_SERIES = (  # (table key, label, colour, marker) of the accuracy-vs-ratio plot and table, in column order
+    ("val_real", "real validation (objective)", "#111111", "o"),
+    ("test_real", "real test", DOMAIN_COLOURS["real"], "s"),
+    ("test_synthetic", "synthetic test", DOMAIN_COLOURS["synthetic"], "^"),
+    ("test_mixture", "mixture test", DOMAIN_COLOURS["mixture"], "D"),
+)
+TUNE_PLOT = "tune-accuracy-vs-ratio.png"
+
+
+def plot_tune_curve(tune: dict) -> bytes:
+    """Accuracy against the synthetic fraction r: mean over seeds with ± std error bars, best r marked.
+
+    ``tune`` is the tune stage's results.json. Ratios without a finished trial leave gaps.
+    """
+    table = tune["table"]
+    fig = Figure(figsize=(7.5, 4.6), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    # The objective last, dashed, on top: it often lies right on the real-test line.
+    for key, label, colour, marker in (*TUNE_SERIES[1:], TUNE_SERIES[0]):
+        points = [(e["ratio"], e[key]) for e in table if e.get(key)]
+        if not points:
+            continue
+        ratios = [r for r, _ in points]
+        means = [100.0 * c["mean"] for _, c in points]
+        stds = [100.0 * c["std"] for _, c in points]
+        objective = key == "val_real"
+        ax.errorbar(ratios, means, yerr=stds, label=label, color=colour, marker=marker, markersize=5, capsize=3,
+                    linewidth=2.0 if objective else 1.4, linestyle="--" if objective else "-",
+                    alpha=0.95 if objective else 0.8)  # fmt: skip
+    best = tune.get("best")
+    if best:
+        ax.axvline(best["ratio"], color="#888888", linestyle="--", linewidth=1)
+        ax.annotate(f"best r = {best['ratio']:g}", (best["ratio"], 0.0), xycoords=("data", "axes fraction"),
+                    xytext=(4, 5), textcoords="offset points", fontsize=9, color="#555555")  # fmt: skip
+    ns = sorted({e.get("n", 0) for e in table if e.get("n")}) or [0]
+    fixed = tune.get("mode") == "fixed_budget"
+    ax.set_xlabel("synthetic fraction r" + (" (of a fixed budget)" if fixed else " (x real images, added to all of them)"))
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xlim(-0.04, 1.04)
+    ax.set_ylim(0, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="best")
+    n = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    ax.set_title(f"Accuracy vs synthetic fraction ({tune.get('mode', '?')}), mean ± std over {n} seed(s)", fontsize=11)
     return _png(fig)
 
 
@@ -913,6 +979,41 @@ def _num(x: Optional[float], fmt: str = "{:,.0f}") -> str:
     return "—" if x is None else fmt.format(x)
 
 
+def tune_blocks(tune: dict, plots: dict[str, bytes]) -> list:
+    """The mixing-ratio sweep: the best ratio in words, the table by ratio and the accuracy-vs-r plot."""
+    mode = tune.get("mode", "?")
+    how = (
+        "each trial trains on the same number of images, a fraction r of them synthetic"
+        if mode == "fixed_budget"
+        else "each trial keeps every real training image and adds r times as many synthetic ones"
+    )
+    blocks: list = [Heading(1, "Mixing ratio: how much synthetic data to use (tune stage)")]
+    blocks.append(Para(tune.get("best_sentence") or "", "headline"))
+    blocks.append(
+        Para(
+            f"Mode {mode}: {how}; same network, recipe and {tune.get('steps', '?')} optimizer steps in every trial. "
+            "Ratios are chosen on the real validation split only; test accuracy is shown for the record."
+        )
+    )
+    rows = []
+    for e in tune["table"]:
+        cells = [_cell_text({**e[k], "n": e["n"]} if e.get(k) else None) for k, *_ in TUNE_SERIES]
+        left_out = e.get("stopped_early", 0) + e.get("errors", 0)
+        rows.append([f"{e['ratio']:g}", f"{e.get('real_images', 0):,} + {e.get('synthetic_images', 0):,}", *cells,
+                     str(left_out) if left_out else ""])  # fmt: skip
+    table = Table(
+        ["r", "real + synthetic images", "val real (%)", "test real (%)", "test synthetic (%)", "test mixture (%)",
+         "trials left out"],
+        rows,
+        [True, True, True, True, True, True, True],
+        caption="Accuracy (%), mean ± sample std over the seeds that finished (n). Trials left out: stopped early by "
+        "ASHA or failed; they do not enter the means.",
+    )  # fmt: skip
+    figure = plots.get(TUNE_PLOT)
+    blocks.append(Group([table, Plot(TUNE_PLOT, figure, "accuracy against synthetic fraction")]) if figure else table)
+    return blocks
+
+
 def build_blocks(run: str, agg: dict, inputs: Inputs, plots: dict[str, bytes], notes: Sequence[str]) -> list:
     """The report's content, in reading order, as blocks for :func:`render_markdown` / :func:`render_html`."""
     rows = ordered_domains([*DOMAINS, *agg["train_domains"]])
@@ -936,6 +1037,9 @@ def build_blocks(run: str, agg: dict, inputs: Inputs, plots: dict[str, bytes], n
     if notes:
         blocks.append(Heading(2, "Notes"))
         blocks.extend(Para(n, "note") for n in notes)
+
+    if inputs.tune:
+        blocks.extend(tune_blocks(inputs.tune, plots))
 
     # 2. How the models were trained.
     blocks.append(Heading(1, "Training runs"))
@@ -1132,6 +1236,8 @@ def run_report(cfg: Config, storage: Storage | None = None) -> dict:
             n = agg["matrix"][train][test]["n"]
             title = f"train {train} → test {test} (summed over {n} seed{'s' if n != 1 else ''})"
             plots[_confusion_name(train, test)] = plot_confusion(cm, agg["classes"], title)
+    if inputs.tune:
+        plots[TUNE_PLOT] = plot_tune_curve(inputs.tune)
     for domain, s in inputs.samples.items():
         if any(s["images"]):
             title = f"{domain} images ({s['split']} split)"
@@ -1154,6 +1260,7 @@ def run_report(cfg: Config, storage: Storage | None = None) -> dict:
         "dataset_counts": inputs.dataset_counts,
         "notes": notes,
         "inputs": {"metrics": inputs.metrics_keys, "skipped": inputs.skipped},
+        "tune": inputs.tune,
         "plots": sorted(plots),
     }
 

@@ -225,6 +225,11 @@ class Storage:
         return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
 
 
+def trial_tag(ratio: float, seed: int) -> str:
+    """The name of a tune trial: ``ratio-0.25-seed-1`` (ratios are distinct to 6 digits)."""
+    return f"ratio-{ratio:.6g}-seed-{seed}"
+
+
 class Layout:
     """Where each stage of a run keeps its outputs, relative to the storage root."""
 
@@ -276,6 +281,25 @@ class Layout:
     def train_ray_results(self, experiment: str, seed: int) -> str:
         """Ray Train's storage_path for the cell: its run folder, checkpoints and snapshot."""
         return f"{self.train_cell(experiment, seed)}/ray"
+
+    # tune: Ray Tune's experiment folders, one record per finished trial, the gathered results
+    @property
+    def tune_ray_results(self) -> str:
+        """Ray Tune's storage_path: one experiment folder per sweep config (trials, checkpoints, state)."""
+        return f"{self.run}/tune/ray"
+
+    def tune_trial(self, experiment: str, ratio: float, seed: int) -> str:
+        """The record a trial writes when it finishes: ``<run>/tune/trials/<experiment>/ratio-0.5-seed-0.json``."""
+        return f"{self.run}/tune/trials/{experiment}/{trial_tag(ratio, seed)}.json"
+
+    @property
+    def tune_results(self) -> str:
+        """One row per (ratio, seed); ``.parquet`` and ``.json`` beside each other."""
+        return f"{self.run}/tune/results"
+
+    @property
+    def tune_plot(self) -> str:
+        return f"{self.run}/tune/accuracy-vs-ratio.png"
 
     def config_file(self, stage: str) -> str:
         return f"{self.run}/{stage}/config.yaml"

@@ -35,4 +35,11 @@ def test_class_aware_chain_transfers_from_synthetic_to_real(tmp_path, ray_local)
     # Six classes: chance is 1/6. Any label or id mix-up along the chain drags these to chance.
     assert synthetic_to_real > 0.8, report["matrix"]
     assert real_to_synthetic > 0.8, report["matrix"]
+    # Class-aware synthetic images look like the real ones, so the mixing ratio barely matters:
+    # the sweep's curve is flat and high, from real-only (r=0) to synthetic-only (r=1).
+    table = report["tune"]["table"]
+    assert [e["ratio"] for e in table] == [0.0, 0.5, 1.0] and all(e["n"] == 1 for e in table)
+    val = [e["val_real"]["mean"] for e in table]
+    assert min(val) > 0.8 and max(val) - min(val) < 0.2, table
+    assert "tune-accuracy-vs-ratio.png" in report["plots"] and summary["stages"]["tune"] is not None
     assert summary["report"].endswith("smoke/report/report.html")

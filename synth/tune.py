@@ -1,0 +1,740 @@
+"""The tune stage: a Ray Tune sweep of the synthetic:real mixing ratio r, crossed with seeds.
+
+The question (experiment 3): what mixture of synthetic and real images trains the best
+classifier? Every trial trains the train stage's CNN with the train stage's recipe and step
+budget (``train.*``); only the composition of its training set changes:
+
+- ``tune.mode=fixed_budget``: N = min(real train, synthetic train) images, round(r x N) of them
+  synthetic and the rest real -- the train stage's mixture at every r, so only the composition
+  changes (r=0 is real-only, r=1 synthetic-only, at the same size);
+- ``tune.mode=augment``: every real train image plus round(r x real train) synthetic ones.
+
+Which images a trial takes is drawn with its seed, as prefixes of one seeded permutation per
+domain, so for one seed the synthetic images at r=0.3 are a subset of those at r=0.4.
+
+The objective is accuracy on the **real validation split** (every epoch; ASHA reads it when
+``tune.asha`` is on). Test splits (real, synthetic, and their union "mixture") are evaluated once,
+at a trial's last step, and reported for the final table only: nothing selects on them.
+
+Three layers, in Ray's idiom, top to bottom in this file:
+
+1. :func:`train_trial` -- the Tune function trainable: one model on the trial's device (a GPU
+   when the trial has one), plain PyTorch built from :mod:`synth.train`'s blocks (same network,
+   optimizer, schedule, augmentation and evaluation as the train stage's workers; the few Ray
+   lines are marked ``# [ray]``). It reports real-val accuracy and a checkpoint every epoch, and
+   writes a record of the finished trial to storage before its last report.
+2. :func:`make_tuner` -- the ``Tuner``: a grid over ``tune.ratios x tune.seeds``; a deterministic
+   experiment name (run, mode and a hash of everything that decides the results); storage under
+   ``<run>/tune/ray/``; ``Tuner.restore`` when that experiment already exists, so a killed sweep
+   continues and finished trials are not rerun.
+3. :func:`run_tune` -- the stage: checks data and plan before any trial starts, runs (or skips)
+   the sweep, gathers exactly one row per (ratio, seed), writes the table, plot and summary.
+
+Why a trial trains in its own process instead of launching a ``TorchTrainer``: a CIFAR-sized
+CNN trains on one device in seconds, and a nested Ray Train run (controller + worker group per
+trial) costs ~20 s of start-up per trial on a 2-core machine -- many times the training itself.
+A trial is one model on one device; parallelism comes from running trials side by side
+(``tune.max_concurrent_trials``), and Tune reuses trial processes between trials.
+
+Storage (``<run>/tune/``): ``ray/<experiment>/`` (Tune's experiment folder: per-trial results
+and the latest per-epoch checkpoint), ``trials/<experiment>/ratio-R-seed-S.json`` (one record per
+finished trial), ``results.parquet`` / ``results.json`` (one row per (ratio, seed), the table by
+ratio, the best ratio), ``accuracy-vs-ratio.png``, ``config.yaml``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from synth.config import Config, TuneConfig, to_dict, validate
+from synth.model import architecture, build_model
+from synth.storage import Layout, Storage, trial_tag
+from synth.train import (
+    WHITEN_IMAGES,
+    Split,
+    _ray_storage,
+    _to_device_images,
+    budget,
+    evaluate,
+    make_optimizer,
+    read_split,
+    restore_state,
+    save_state,
+    train_epoch,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "tune"
+METRIC = "val_real_accuracy"  # the objective: accuracy on the real validation split, maximised
+TEST_DOMAINS = ("real", "synthetic", "mixture")  # "mixture": the union of the two test splits
+STATE_FILE = "state.pt"  # inside every Tune checkpoint folder
+MIX_SALT = 0x5EED  # keeps the draw of a trial's images apart from its training randomness
+# Keys of a config that decide a trial's result; resources, retries and which other stages
+# run are left out so a rerun on a different cluster still restores the same experiment.
+NOT_RECIPE = ("experiments", "test_domains", "seeds", "mixture_synthetic_fraction", "num_workers", "use_gpu",
+              "max_failures", "eval_batch_size")  # fmt: skip
+TUNE_RECIPE = ("ratios", "seeds", "mode", "asha", "asha_grace_steps", "asha_reduction_factor")
+
+
+# ============================================================================================
+# 1. Trial: which images a trial trains on, and the plain-PyTorch loop Tune runs
+# ============================================================================================
+
+
+def composition(n_real: int, n_synthetic: int, ratio: float, mode: str) -> tuple[int, int]:
+    """``(real images, synthetic images)`` of a trial's training set; raises when the data is short.
+
+    ``fixed_budget``: N = min(n_real, n_synthetic), round(ratio x N) synthetic, the rest real.
+    ``augment``: all n_real real images plus round(ratio x n_real) synthetic ones.
+    """
+    if mode == "fixed_budget":
+        size = min(n_real, n_synthetic)
+        synthetic = int(round(ratio * size))
+        return size - synthetic, synthetic
+    if mode == "augment":
+        synthetic = int(round(ratio * n_real))
+        if synthetic > n_synthetic:
+            raise ValueError(
+                f"tune.mode=augment at r={ratio:g} adds {synthetic:,} synthetic images (r x {n_real:,} real ones), and the "
+                f"synthetic train split has {n_synthetic:,}. Fix: build more synthetic images "
+                "(dataset.synthetic_train_per_class, prompts.per_class), lower the largest of tune.ratios to "
+                f"{n_synthetic / max(n_real, 1):.2f}, or use tune.mode=fixed_budget"
+            )
+        return n_real, synthetic
+    raise ValueError(f"tune.mode={mode!r} is unknown; choose fixed_budget or augment")
+
+
+def training_set(real: Split, synthetic: Split, ratio: float, mode: str, seed: int) -> Split:
+    """The trial's training images: seeded prefixes of one permutation per domain, shuffled together.
+
+    Prefixes of the same permutations make the sets of neighbouring ratios nest (for one seed),
+    so the curve compares like with like instead of redrawing every point.
+    """
+    n_real, n_synthetic = composition(len(real), len(synthetic), ratio, mode)
+    rng = np.random.default_rng([MIX_SALT, seed])
+    take_real = rng.permutation(len(real))[:n_real]
+    take_synthetic = rng.permutation(len(synthetic))[:n_synthetic]
+    images = np.concatenate([real.images[take_real], synthetic.images[take_synthetic]])  # (N, H, W, 3)
+    labels = np.concatenate([real.labels[take_real], synthetic.labels[take_synthetic]])
+    order = rng.permutation(len(labels))
+    return Split(images[order], labels[order])
+
+
+@dataclass
+class SweepData:
+    """The splits a sweep reads, decoded once on the driver and shared with every trial."""
+
+    real_train: Split
+    synthetic_train: Split
+    real_val: Split  # the objective
+    real_test: Split  # final table only
+    synthetic_test: Split  # final table only
+
+    @classmethod
+    def load(cls, cfg: Config, storage: Storage) -> "SweepData":
+        classes = list(cfg.prompts.classes)
+
+        def read(domain: str, split: str) -> Split:
+            return read_split(storage, cfg.run, domain, split, classes)
+
+        return cls(read("real", "train"), read("synthetic", "train"), read("real", "val"), read("real", "test"),
+                   read("synthetic", "test"))  # fmt: skip
+
+    def counts(self) -> dict:
+        return {
+            name: {"images": len(split), "skipped": split.skipped}
+            for name, split in (("real/train", self.real_train), ("synthetic/train", self.synthetic_train),
+                                ("real/val", self.real_val), ("real/test", self.real_test),
+                                ("synthetic/test", self.synthetic_test))
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial shares besides the data: names, the recipe, where to write its record."""
+
+    run: str
+    experiment: str
+    sweep_hash: str
+    mode: str
+    hp: dict  # TrainConfig as a dict: the recipe and the step budget
+    classes: tuple[str, ...]
+    storage: Storage
+    threads: int  # torch threads of a trial on a CPU (its tune.cpus_per_trial)
+
+
+def trial_hash(sweep_hash: str, ratio: float, seed: int) -> str:
+    return hashlib.sha256(f"{sweep_hash}/{trial_tag(ratio, seed)}".encode()).hexdigest()[:16]
+
+
+def read_record(storage: Storage, key: str, expected_hash: str) -> Optional[dict]:
+    """A finished trial's record made with this config, else None (absent, unreadable or stale)."""
+    if not storage.exists(key):
+        return None
+    try:
+        record = storage.read_json(key)
+    except (ValueError, OSError):
+        return None
+    return record if isinstance(record, dict) and record.get("trial_hash") == expected_hash else None
+
+
+def _score(totals: torch.Tensor) -> dict:
+    """{accuracy, loss, n} from :func:`synth.train.evaluate`'s (correct, loss sum, count)."""
+    correct, loss, n = (float(v) for v in totals.cpu())
+    return {"accuracy": correct / n if n else 0.0, "loss": loss / n if n else 0.0, "n": int(n)}
+
+
+def _test_scores(model, data: SweepData, device: torch.device, hp: dict) -> dict:
+    """Accuracy on each test domain; "mixture" is the union of the real and synthetic test splits."""
+    totals = {}
+    for domain, split in (("real", data.real_test), ("synthetic", data.synthetic_test)):
+        x = _to_device_images(split.images, device)
+        y = torch.from_numpy(np.require(split.labels, requirements=["C", "W"])).to(device)
+        totals[domain] = evaluate(model, x, y, hp["eval_batch_size"], hp["tta_level"])
+    totals["mixture"] = totals["real"] + totals["synthetic"]
+    return {domain: {k: v for k, v in _score(totals[domain]).items() if k != "loss"} for domain in TEST_DOMAINS}
+
+
+def train_trial(config: dict, data: SweepData, context: TrialContext) -> None:
+    """One Tune trial: train at ``config["ratio"]`` with ``config["seed"]``, report every epoch.
+
+    Each epoch reports ``epoch, step, train_loss, val_real_accuracy, val_real_loss, seconds``
+    with a checkpoint; the report at the last step adds ``test_<domain>_accuracy`` for real,
+    synthetic and mixture, the data counts, and ``completed: True``. The trial's record is
+    written to storage before that last report: a trial restarted after it (the driver died
+    before Tune noted the trial done) replays the record instead of training again.
+
+    The record, ``<run>/tune/trials/<experiment>/ratio-R-seed-S.json``: ``experiment, ratio, seed,
+    mode, trial_hash, classes, architecture, train_images, real_images, synthetic_images, steps,
+    batch_size, epochs, history`` (the per-epoch reports), ``val: {real: {accuracy, loss, n}}``,
+    ``test: {real|synthetic|mixture: {accuracy, n}}``, ``final`` (the last report),
+    ``resumed_from_epochs, device, wall_seconds, finished_at, attempt, code_version``.
+    """
+    import ray.tune  # [ray]
+
+    from synth.runtime import code_version
+
+    start = time.perf_counter()
+    ratio, seed, hp = float(config["ratio"]), int(config["seed"]), context.hp
+    storage, key = context.storage, Layout(context.run).tune_trial(context.experiment, ratio, seed)
+    this_hash = trial_hash(context.sweep_hash, ratio, seed)
+
+    # 0. Already finished with this config: report what it measured, train nothing.
+    record = read_record(storage, key, this_hash)
+    if record is not None:
+        ray.tune.report({**record["final"], "replayed": True})  # [ray]
+        return
+
+    # 1. Data: this trial's training set, then everything on the trial's device as uint8.
+    train = training_set(data.real_train, data.synthetic_train, ratio, context.mode, seed)
+    n_real, n_synthetic = composition(len(data.real_train), len(data.synthetic_train), ratio, context.mode)
+    plan = budget(len(train), hp["batch_size"], hp["steps"], world_size=1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU when Tune gave the trial one
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each conv once
+    else:
+        torch.set_num_threads(context.threads)  # the trial's CPUs, not every core of the node
+    x_train = _to_device_images(train.images, device)  # (N, 3, H, W) uint8
+    y_train = torch.from_numpy(train.labels).to(device)
+    x_val = _to_device_images(data.real_val.images, device)
+    y_val = torch.from_numpy(np.require(data.real_val.labels, requirements=["C", "W"])).to(device)
+
+    # 2. Model: as the train stage's workers build it (seed, stem whitening, optimizer groups).
+    torch.manual_seed(seed)
+    model = build_model(len(context.classes), hp["width"]).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model.init_whitening(_to_device_images(train.images[:WHITEN_IMAGES], device).float() / 255.0)
+    optimizer, scheduler = make_optimizer(model, hp, hp["steps"])
+
+    # 3. Resume: Tune hands a restarted trial (failure, or a restored sweep) its last checkpoint.
+    progress: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "config_hash": this_hash, "resumed_from_epochs": []}
+    checkpoint = ray.tune.get_checkpoint()  # [ray]
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = restore_state(os.path.join(folder, STATE_FILE), model, optimizer, scheduler, this_hash)
+        progress = {k: state[k] for k in progress}
+        progress["resumed_from_epochs"] = [*progress["resumed_from_epochs"], progress["epoch"]]
+        log.info("tune: %s resumed from epoch %d, step %d", trial_tag(ratio, seed), progress["epoch"], progress["step"])
+
+    def finish() -> dict:
+        """Measure the test splits once, store the trial's record, return its last report's metrics."""
+        test = _test_scores(model, data, device, hp)
+        last = progress["history"][-1]
+        final = {
+            **last,
+            **{f"test_{d}_accuracy": test[d]["accuracy"] for d in TEST_DOMAINS},
+            "ratio": ratio,
+            "seed": seed,
+            "train_images": len(train),
+            "real_images": n_real,
+            "synthetic_images": n_synthetic,
+            "completed": True,
+        }
+        record = {
+            "experiment": context.experiment,
+            "ratio": ratio,
+            "seed": seed,
+            "mode": context.mode,
+            "trial_hash": this_hash,
+            "classes": list(context.classes),
+            "architecture": model.signature,
+            "train_images": len(train),
+            "real_images": n_real,
+            "synthetic_images": n_synthetic,
+            "steps": hp["steps"],
+            "batch_size": hp["batch_size"],
+            "epochs": plan["epochs"],
+            "history": progress["history"],
+            "val": {"real": {"accuracy": last[METRIC], "loss": last["val_real_loss"], "n": len(data.real_val)}},
+            "test": test,
+            "final": final,  # what the last report carried; replayed if the trial is restarted
+            "resumed_from_epochs": progress["resumed_from_epochs"],
+            "device": device.type,
+            "wall_seconds": round(time.perf_counter() - start, 3),  # this attempt only
+            "finished_at": time.time(),
+            "attempt": uuid.uuid4().hex,  # tells a kept record from a rewritten one
+            "code_version": code_version(),
+        }
+        storage.write_json(key, record)
+        return final
+
+    # 4. Epochs until the step budget is spent; the last one also measures the test splits.
+    reported_final = False
+    for epoch in range(progress["epoch"] + 1, plan["epochs"] + 1):
+        torch.manual_seed((seed * 1_000_003 + epoch) * 1_009)  # order and augmentation, as rank 0 of the train stage
+        steps = min(plan["steps_per_epoch"], hp["steps"] - progress["step"])
+        tick = time.perf_counter()
+        loss_sum = train_epoch(
+            model, optimizer, scheduler, x_train, y_train, plan["per_rank_batch"], steps, hp["translate"], hp["label_smoothing"]
+        )
+        train_loss = float(loss_sum) / steps  # waits for the device once per epoch
+        seconds = time.perf_counter() - tick
+        val = _score(evaluate(model, x_val, y_val, hp["eval_batch_size"], hp["tta_level"]))
+        progress["epoch"], progress["step"] = epoch, progress["step"] + steps
+        metrics = {
+            "epoch": epoch,
+            "step": progress["step"],
+            "train_loss": train_loss,
+            METRIC: val["accuracy"],
+            "val_real_loss": val["loss"],
+            "seconds": round(seconds, 4),
+        }
+        progress["history"] = [*progress["history"], metrics]
+        # ASHA stops a trial at its last step, so the final numbers ride on the last epoch's report.
+        if progress["step"] >= hp["steps"]:
+            metrics, reported_final = finish(), True
+        with tempfile.TemporaryDirectory() as folder:
+            save_state(os.path.join(folder, STATE_FILE), model, optimizer, scheduler, progress)
+            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))  # [ray]
+    if not reported_final:
+        # Restored from the last epoch's checkpoint (written only after the record, so this is
+        # rare: the record was lost): measure and record again from the restored model.
+        ray.tune.report(finish())  # [ray]
+
+
+# ============================================================================================
+# 2. Driver: the plan, checked before any trial, and the Tuner
+# ============================================================================================
+
+
+def sweep_hash(cfg: Config) -> str:
+    """What decides a sweep's results: recipe, classes, dataset config, the grid and the scheduler."""
+    recipe = {k: v for k, v in to_dict(cfg.train).items() if k not in NOT_RECIPE}
+    tune = {k: v for k, v in to_dict(cfg.tune).items() if k in TUNE_RECIPE and (cfg.tune.asha or not k.startswith("asha_"))}
+    tune["ratios"], tune["seeds"] = sorted(tune["ratios"]), sorted(tune["seeds"])  # the grid, not its order
+    blob = {
+        "run": cfg.run,
+        "train": recipe,
+        "tune": tune,
+        "classes": list(cfg.prompts.classes),
+        "dataset": to_dict(cfg.dataset),
+        "architecture": architecture(len(cfg.prompts.classes), cfg.train.width),
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def experiment_name(cfg: Config) -> str:
+    """``<run>.tune.<mode>.<hash>``: no timestamp, so a rerun finds (and restores) the same sweep."""
+    return f"{cfg.run}.tune.{cfg.tune.mode}.{sweep_hash(cfg)}"
+
+
+def sweep_plan(n_real: int, n_synthetic: int, cfg: Config) -> list[dict]:
+    """Per ratio: images of each domain and the epochs the step budget makes; raises before any trial.
+
+    Catches what only the data can tell: an empty domain, too few synthetic images for the
+    largest ratio, a training set smaller than one batch.
+    """
+    u, t = cfg.tune, cfg.train
+    if n_real == 0:
+        raise ValueError("the real train split is empty. Fix: rebuild the dataset with real data (dataset.domains)")
+    if u.mode == "fixed_budget" and n_synthetic == 0 and any(r > 0 for r in u.ratios):
+        raise ValueError(
+            "the synthetic train split is empty, so tune.mode=fixed_budget has a budget of 0 images. "
+            "Fix: run the generate and dataset stages with 'synthetic' in dataset.domains"
+        )
+    plan = []
+    for r in sorted(u.ratios):
+        n_r, n_s = composition(n_real, n_synthetic, r, u.mode)
+        try:
+            epochs = budget(n_r + n_s, t.batch_size, t.steps, world_size=1)["epochs"]
+        except ValueError as exc:
+            raise ValueError(f"tune.ratios: the trial at r={r:g} trains on {n_r + n_s:,} images: {exc}") from exc
+        plan.append({"ratio": r, "real_images": n_r, "synthetic_images": n_s, "train_images": n_r + n_s, "epochs": epochs})
+    return plan
+
+
+def trial_resources(u: TuneConfig, cluster: dict) -> dict:
+    """One trial's resources: ``tune.cpus_per_trial`` CPUs and, by default, one GPU if the cluster has any."""
+    gpus = u.gpus_per_trial if u.gpus_per_trial is not None else (1.0 if cluster.get("GPU", 0) >= 1 else 0.0)
+    return {"cpu": u.cpus_per_trial, "gpu": gpus}
+
+
+def max_concurrent_trials(u: TuneConfig, resources: dict, cluster: dict, trials: int) -> int:
+    """``tune.max_concurrent_trials``, or as many trials as the cluster's CPUs and GPUs fit (at least 1)."""
+    if u.max_concurrent_trials is not None:
+        return min(u.max_concurrent_trials, trials)
+    fits = math.floor(cluster.get("CPU", 1) / resources["cpu"] + 1e-9)
+    if resources["gpu"] > 0:
+        fits = min(fits, math.floor(cluster.get("GPU", 0) / resources["gpu"] + 1e-9))
+    return max(1, min(fits, trials))
+
+
+def make_scheduler(cfg: Config):
+    """ASHA on real-val accuracy with rungs in optimizer steps, or None (FIFO: every trial runs to the end).
+
+    Steps, not epochs, measure progress: in augment mode the training set, and so the epoch
+    length, changes with r, while the step budget does not.
+    """
+    if not cfg.tune.asha:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    grace = cfg.tune.asha_grace_steps or max(1, cfg.train.steps // 4)
+    return ASHAScheduler(
+        time_attr="step", max_t=cfg.train.steps, grace_period=grace, reduction_factor=cfg.tune.asha_reduction_factor
+    )
+
+
+def _trial_name(trial) -> str:
+    return trial_tag(float(trial.config["ratio"]), int(trial.config["seed"]))
+
+
+def make_tuner(cfg: Config, storage: Storage, trainable, concurrency: int):
+    """The sweep's ``Tuner``: restored when its experiment folder exists, else new; returns (tuner, restored)."""
+    from ray import tune
+
+    # Epochs of seconds make Tune's forced experiment snapshots (see CheckpointConfig below)
+    # frequent, which is what we want for resumption; only their warning is switched off.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    experiment = experiment_name(cfg)
+    storage_path, filesystem = _ray_storage(storage, Layout(cfg.run).tune_ray_results)
+    path = f"{storage_path.rstrip('/')}/{experiment}"  # a local path, s3://..., or bucket/... with a filesystem
+    # A killed driver left the experiment's state behind: continue it. Finished trials keep
+    # their results; unfinished ones restart from their last checkpoint; errored ones retry.
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        log.info("tune: restoring %s", path)
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem), True
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"ratio": tune.grid_search(sorted(cfg.tune.ratios)), "seed": tune.grid_search(list(cfg.tune.seeds))},
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            scheduler=make_scheduler(cfg),
+            max_concurrent_trials=concurrency,
+            reuse_actors=True,  # a trial process keeps torch loaded for the next trial
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=experiment,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+            # A resume needs only the latest epoch; the records hold the results. Tune snapshots
+            # the experiment whenever a trial has made num_to_keep checkpoints since the last
+            # snapshot, so a restore never points at a deleted checkpoint.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return tuner, False
+
+
+# ============================================================================================
+# 3. Results: one row per (ratio, seed), the table by ratio, the best ratio
+# ============================================================================================
+
+ROW_FIELDS = (
+    "ratio", "seed", "status", "trial_id", "train_images", "real_images", "synthetic_images", "step", "epochs",
+    "val_real_accuracy", "test_real_accuracy", "test_synthetic_accuracy", "test_mixture_accuracy",
+    "resumed_from_epochs", "wall_seconds", "finished_at", "attempt", "error",
+)  # fmt: skip
+
+
+def _row(ratio: float, seed: int, record: Optional[dict], result, plan: dict) -> dict:
+    """A row of results.parquet from a trial's record (finished) or its Tune result (stopped, errored)."""
+    row: dict[str, Any] = dict.fromkeys(ROW_FIELDS)
+    row.update(ratio=ratio, seed=seed, resumed_from_epochs=[], **{k: plan[k] for k in ("train_images", "real_images",
+               "synthetic_images", "epochs")})  # fmt: skip
+    metrics = (result.metrics or {}) if result is not None else {}
+    row["trial_id"] = metrics.get("trial_id")
+    if record is not None:
+        row.update(
+            status="completed",
+            step=record["history"][-1]["step"],
+            val_real_accuracy=record["val"]["real"]["accuracy"],
+            **{f"test_{d}_accuracy": record["test"][d]["accuracy"] for d in TEST_DOMAINS},
+            resumed_from_epochs=list(record["resumed_from_epochs"]),
+            wall_seconds=record["wall_seconds"],
+            finished_at=record["finished_at"],
+            attempt=record["attempt"],
+        )
+        return row
+    row["step"] = metrics.get("step")
+    row["val_real_accuracy"] = metrics.get(METRIC)  # at the step it stopped: not comparable, left out of the table
+    if result is not None and result.error is not None:
+        row.update(status="error", error=str(result.error).strip().splitlines()[-1][:500])
+    elif metrics:
+        row["status"] = "stopped_early"  # ASHA stopped it below the budget
+    else:
+        row["status"] = "missing"
+    return row
+
+
+def ratio_table(rows: list[dict]) -> list[dict]:
+    """Per ratio, over its completed seeds: mean and sample std (ddof=1; 0 for one seed) of each accuracy."""
+    from synth.report import mean_std
+
+    by_ratio: dict[float, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_ratio[row["ratio"]].append(row)
+    table = []
+    for ratio in sorted(by_ratio):
+        done = [r for r in by_ratio[ratio] if r["status"] == "completed"]
+        entry: dict[str, Any] = {
+            "ratio": ratio,
+            "n": len(done),
+            "seeds": [r["seed"] for r in done],
+            "stopped_early": sum(r["status"] == "stopped_early" for r in by_ratio[ratio]),
+            "errors": sum(r["status"] in ("error", "missing") for r in by_ratio[ratio]),
+            "real_images": by_ratio[ratio][0]["real_images"],
+            "synthetic_images": by_ratio[ratio][0]["synthetic_images"],
+        }
+        for name in ("val_real", *(f"test_{d}" for d in TEST_DOMAINS)):
+            values = [r[f"{name}_accuracy"] for r in done]
+            entry[name] = dict(zip(("mean", "std"), mean_std(values))) if values else None
+        table.append(entry)
+    return table
+
+
+def best_ratio(table: list[dict]) -> Optional[dict]:
+    """The ratio with the highest mean real-val accuracy (ties: the smaller ratio); None if none finished."""
+    scored = [e for e in table if e["val_real"] is not None]
+    if not scored:
+        return None
+    best = max(scored, key=lambda e: (e["val_real"]["mean"], -e["ratio"]))
+    return {"ratio": best["ratio"], "val_real": best["val_real"], "test_real": best["test_real"], "n": best["n"]}
+
+
+def best_sentence(best: Optional[dict], mode: str) -> str:
+    if best is None:
+        return "No trial of the sweep finished, so no mixing ratio can be recommended."
+    what = "of a fixed-size training set" if mode == "fixed_budget" else "added on top of all real images"
+    spread = f" ± {100 * best['val_real']['std']:.1f}" if best["n"] > 1 else ""
+    test = best["test_real"]
+    return (
+        f"Best synthetic fraction by real-validation accuracy: r = {best['ratio']:g} ({mode}: synthetic images {what}), "
+        f"{100 * best['val_real']['mean']:.1f}{spread}% on real validation images over {best['n']} seed"
+        f"{'s' if best['n'] != 1 else ''}; its real test accuracy, not used to choose, is {100 * test['mean']:.1f}%."
+    )
+
+
+def gather(cfg: Config, storage: Storage, grid, plan: list[dict]) -> list[dict]:
+    """Exactly one row per (ratio, seed) of the grid; raises if Tune's results miss or repeat one."""
+    layout, experiment, sh = Layout(cfg.run), experiment_name(cfg), sweep_hash(cfg)
+    results: dict[tuple[float, int], list] = defaultdict(list)
+    for result in grid:
+        config = result.config or {}
+        results[(round(float(config["ratio"]), 6), int(config["seed"]))].append(result)
+    cells = [(round(r, 6), s) for r in sorted(cfg.tune.ratios) for s in cfg.tune.seeds]
+    extra = sorted(set(results) - set(cells))
+    repeated = sorted(c for c, found in results.items() if len(found) > 1)
+    if extra or repeated or len(results) != len(cells):
+        raise RuntimeError(
+            f"Tune's results for {experiment} do not hold each (ratio, seed) of the grid once: missing "
+            f"{sorted(set(cells) - set(results))}, repeated {repeated}, unexpected {extra}. Fix: delete "
+            f"{storage.uri(layout.tune_ray_results)}/{experiment} and rerun the tune stage"
+        )
+    plan_by_ratio = {round(p["ratio"], 6): p for p in plan}
+    rows = []
+    for ratio, seed in cells:
+        record = read_record(storage, layout.tune_trial(experiment, ratio, seed), trial_hash(sh, ratio, seed))
+        found = results.get((ratio, seed))
+        rows.append(_row(ratio, seed, record, found[0] if found else None, plan_by_ratio[ratio]))
+    return rows
+
+
+def _write_results(storage: Storage, cfg: Config, rows: list[dict], document: dict) -> None:
+    import pyarrow as pa
+
+    layout = Layout(cfg.run)
+    columns = {name: [r[name] for r in rows] for name in ROW_FIELDS}
+    types = {"resumed_from_epochs": pa.list_(pa.int64()), "ratio": pa.float64(), "seed": pa.int64()}
+    table = pa.table({name: pa.array(values, type=types.get(name)) for name, values in columns.items()})
+    storage.write_parquet(f"{layout.tune_results}.parquet", table)
+    storage.write_json(f"{layout.tune_results}.json", document)
+
+
+# ============================================================================================
+# 4. Stage
+# ============================================================================================
+
+
+def _finished(storage: Storage, cfg: Config) -> Optional[dict]:
+    """The stored results of this exact sweep when every trial of it has finished, else None."""
+    key = f"{Layout(cfg.run).tune_results}.json"
+    if not storage.exists(key):
+        return None
+    try:
+        document = storage.read_json(key)
+    except (ValueError, OSError):
+        return None
+    rows = document.get("rows", [])
+    if document.get("experiment") != experiment_name(cfg) or len(rows) != len(cfg.tune.ratios) * len(cfg.tune.seeds):
+        return None
+    return document if all(r.get("status") == "completed" for r in rows) else None
+
+
+def run_tune(cfg: Config, storage: Optional[Storage] = None) -> dict:
+    """Run (or continue, or skip) the mixing-ratio sweep; returns the summary that is also stored.
+
+    Bad config (a ratio outside [0, 1], an empty grid, an unknown mode) and data too small for
+    the plan raise ``ValueError`` (:class:`synth.config.ConfigError` for the config) before any
+    trial starts. A trial that still fails after ``tune.max_failures`` retries is recorded in the
+    results and then raised as ``RuntimeError``; rerunning the command retries it.
+    """
+    from synth.report import plot_tune_curve
+    from synth.runtime import code_version, init_ray, write_stage_config, write_stage_summary
+
+    start = time.perf_counter()
+    validate(cfg)  # configs built in code skip load_config; no trial may start on a bad grid
+    storage = storage or Storage.from_config(cfg.storage)
+    layout, u, experiment = Layout(cfg.run), cfg.tune, experiment_name(cfg)
+    cells = len(u.ratios) * len(u.seeds)
+
+    # 1. Fail fast on storage; note the config; clear interrupted writes of our own records.
+    storage.check_writable()
+    write_stage_config(storage, cfg, STAGE)
+    removed = storage.remove_partials(f"{layout.stage(STAGE)}/trials")
+
+    # 2. The whole sweep already done with this config: nothing to start (not even Ray).
+    document = _finished(storage, cfg)
+    status, restored, concurrency, resources, data_counts = "skipped (already done)", False, None, None, None
+    already = sum(
+        read_record(storage, layout.tune_trial(experiment, r, s), trial_hash(sweep_hash(cfg), r, s)) is not None
+        for r in u.ratios
+        for s in u.seeds
+    )
+    if document is None:
+        # 3. Data and plan, checked before any trial starts.
+        data = SweepData.load(cfg, storage)
+        if len(data.real_val) == 0:
+            raise ValueError("the real validation split is empty. Fix: set dataset.val_fraction > 0 and rebuild the dataset")
+        plan = sweep_plan(len(data.real_train), len(data.synthetic_train), cfg)
+        data_counts = data.counts()
+
+        # 4. The sweep: new, or restored where a killed driver left it.
+        import ray
+        from ray import tune
+
+        init_ray(cfg.ray)
+        cluster = ray.cluster_resources()
+        resources = trial_resources(u, cluster)
+        concurrency = max_concurrent_trials(u, resources, cluster, cells)
+        context = TrialContext(
+            run=cfg.run, experiment=experiment, sweep_hash=sweep_hash(cfg), mode=u.mode, hp=to_dict(cfg.train),
+            classes=tuple(cfg.prompts.classes), storage=storage, threads=max(1, int(u.cpus_per_trial)),
+        )  # fmt: skip
+        trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, context=context), resources)
+        tuner, restored = make_tuner(cfg, storage, trainable, concurrency)
+        log.info(
+            "tune: %s: %d trials (%d already finished), %d at once, %s per trial, %s",
+            experiment, cells, already, concurrency, resources, "restored" if restored else "new",
+        )  # fmt: skip
+        grid = tuner.fit()
+
+        # 5. Gather: one row per (ratio, seed), the table by ratio, the best ratio.
+        rows = gather(cfg, storage, grid, plan)
+        table = ratio_table(rows)
+        best = best_ratio(table)
+        document = {
+            "run": cfg.run,
+            "experiment": experiment,
+            "experiment_path": storage.uri(f"{layout.tune_ray_results}/{experiment}"),
+            "mode": u.mode,
+            "ratios": sorted(u.ratios),
+            "seeds": list(u.seeds),
+            "steps": cfg.train.steps,
+            "batch_size": cfg.train.batch_size,
+            "metric": METRIC,
+            "plan": plan,
+            "rows": rows,
+            "table": table,
+            "best": best,
+            "best_sentence": best_sentence(best, u.mode),
+            "code_version": code_version(),
+        }
+        _write_results(storage, cfg, rows, document)
+        storage.write_bytes(layout.tune_plot, plot_tune_curve(document))
+        status = "restored" if restored else "new"
+
+    # 6. Summary; a trial that failed for good fails the stage after its row is stored.
+    rows = document["rows"]
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped_early", "error", "missing")}
+    summary = {
+        "experiment": experiment,
+        "status": status,
+        "mode": u.mode,
+        "trials_total": cells,
+        "trials_completed": counts["completed"],
+        "trials_stopped_early": counts["stopped_early"],
+        "trials_failed": counts["error"] + counts["missing"],
+        "trials_already_finished": already,
+        "trials_trained": counts["completed"] - already,
+        "max_concurrent_trials": concurrency,
+        "resources_per_trial": resources,
+        "best": document["best"],
+        "best_sentence": document["best_sentence"],
+        "table": document["table"],
+        "results": storage.uri(f"{layout.tune_results}.parquet"),
+        "plot": storage.uri(layout.tune_plot),
+        "data": data_counts,
+        "partial_writes_removed": removed,
+        "wall_seconds": round(time.perf_counter() - start, 3),
+    }
+    summary = write_stage_summary(storage, cfg, STAGE, summary)
+    failed = [r for r in rows if r["status"] in ("error", "missing")]
+    if failed:
+        first = failed[0]
+        raise RuntimeError(
+            f"{len(failed)} of {cells} tune trials failed after {u.max_failures} retries, e.g. "
+            f"{trial_tag(first['ratio'], first['seed'])}: {first['error'] or 'no result'}. Fix: see error.txt in its "
+            f"folder under {document['experiment_path']}; rerun the same command to retry the failed trials"
+        )
+    log.info("tune: %s", document["best_sentence"])
+    return summary

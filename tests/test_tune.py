@@ -1,0 +1,387 @@
+"""synth.tune: the mixing-ratio sweep on data whose answer is known, its resume, and its guards.
+
+The data: real images from the class-aware CIFAR-10 fixture (through the dataset stage), and
+synthetic tables written directly whose images show the *next* class's pattern under each label
+(a bird labelled bird looks like the fixture's cat). Trained on real images, the CNN is right on
+real validation images and wrong on synthetic ones; trained on synthetic images, the reverse. So
+in fixed-budget mode real-val accuracy must fall from ~1 at r=0 to ~0 (below chance) at r=1,
+and synthetic-test accuracy must rise the same way: that is the shape the tests assert.
+
+One local Ray instance (conftest) serves the module; the killed driver joins it, as a second
+`ray job submit` would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from ray_jobs._cli import main as cli_main
+from synth.config import ConfigError, TuneConfig, load_config
+from synth.storage import Layout, Storage
+from synth.testkit import class_pattern_image, write_cifar10_fixture
+from synth.train import Split
+from synth.tune import (
+    best_ratio,
+    composition,
+    experiment_name,
+    make_scheduler,
+    max_concurrent_trials,
+    ratio_table,
+    run_tune,
+    sweep_plan,
+    training_set,
+)
+
+CLASSES = ["bird", "cat", "deer", "dog", "frog", "horse"]
+CHANCE = 1 / len(CLASSES)
+# The fixture gives 40 train images per class, of which dataset.val_fraction=0.2 go to val:
+# 192 real train, 48 real val, 60 real test. Synthetic: 32 train and 10 test per class.
+SYNTHETIC_PER_CLASS = {"train": 32, "test": 10}
+# Width 1/8, 3 steps per epoch, 8 epochs: a few seconds per trial on a CPU, ~100% when learnable.
+TINY = ["train.width=0.125", "train.batch_size=64", "train.steps=24", "train.eval_batch_size=256", "dataset.val_fraction=0.2"]
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_wrong_class_synthetic(storage: Storage, run: str) -> None:
+    """Synthetic train/test tables whose image under label y shows class (y + 1)'s pattern."""
+    for split, n in SYNTHETIC_PER_CLASS.items():
+        rows = [(label, i) for label in range(len(CLASSES)) for i in range(n)]
+        seeds = [7_000_000 + (500_000 if split == "test" else 0) + 1_000 * label + i for label, i in rows]
+        table = pa.table(
+            {
+                "id": [f"synthetic-{split}-{CLASSES[label]}-{i}" for label, i in rows],
+                "label": pa.array([label for label, _ in rows], pa.int32()),
+                "class_name": [CLASSES[label] for label, _ in rows],
+                "image": pa.array(
+                    [_png(class_pattern_image((label + 1) % len(CLASSES), seed)) for (label, _), seed in zip(rows, seeds)],
+                    pa.binary(),
+                ),
+                "domain": ["synthetic"] * len(rows),
+                "source": ["test"] * len(rows),
+            }
+        )
+        storage.write_parquet(Layout(run).dataset_split("synthetic", split), table)
+
+
+@pytest.fixture(scope="module")
+def real_fixture(tmp_path_factory) -> Path:
+    return write_cifar10_fixture(tmp_path_factory.mktemp("cifar"), per_class_train=40, per_class_test=10, classes=CLASSES)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tune")
+
+
+def make_config(root: Path, real: Path, run: str, *overrides: str):
+    return load_config(
+        None,
+        [f"run={run}", f"storage.root={root}", f"dataset.real_path={real}", "dataset.domains=[real]",
+         f"prompts.classes=[{','.join(CLASSES)}]", *TINY, *overrides],
+    )  # fmt: skip
+
+
+def prepare(root: Path, real: Path, run: str, *overrides: str):
+    """Config, storage and the run's dataset: fixture real splits + wrong-class synthetic ones."""
+    from synth.dataset import run_dataset
+
+    cfg = make_config(root, real, run, *overrides)
+    storage = Storage.from_config(cfg.storage)
+    run_dataset(cfg, storage)
+    write_wrong_class_synthetic(storage, run)
+    return cfg, storage
+
+
+@pytest.fixture(scope="module")
+def sweep(root, real_fixture, ray_local):
+    """The shape sweep: fixed budget, r in {0, 0.25, 0.75, 1}, one seed."""
+    cfg, storage = prepare(root, real_fixture, "shape", "tune.ratios=[0,0.25,0.75,1]", "tune.seeds=[0]")
+    return cfg, storage, run_tune(cfg, storage)
+
+
+# -- building blocks (no Ray) ------------------------------------------------------------------
+
+
+def test_composition_and_training_set():
+    assert composition(100, 80, 0.25, "fixed_budget") == (60, 20)  # N = min(100, 80)
+    assert composition(100, 80, 0.0, "fixed_budget") == (80, 0)
+    assert composition(100, 80, 1.0, "fixed_budget") == (0, 80)
+    assert composition(100, 80, 0.5, "augment") == (100, 50)
+    with pytest.raises(ValueError, match=r"adds 100 synthetic images.*lower the largest of tune.ratios to 0.80"):
+        composition(100, 80, 1.0, "augment")
+
+    real = Split(np.zeros((100, 4, 4, 3), np.uint8), np.arange(100) % 6)
+    synthetic = Split(np.ones((80, 4, 4, 3), np.uint8), np.arange(80) % 6)
+    sets = {r: training_set(real, synthetic, r, "fixed_budget", seed=3) for r in (0.25, 0.5)}
+    for r, s in sets.items():
+        assert len(s) == 80 and int(s.images[:, 0, 0, 0].sum()) == round(r * 80)  # fixed size, r synthetic
+    again = training_set(real, synthetic, 0.25, "fixed_budget", seed=3)
+    assert np.array_equal(again.images, sets[0.25].images) and np.array_equal(again.labels, sets[0.25].labels)
+    other = training_set(real, synthetic, 0.25, "fixed_budget", seed=4)
+    assert not np.array_equal(other.labels, sets[0.25].labels)  # the seed draws other images
+
+
+def test_plan_resources_scheduler_and_table():
+    cfg = load_config(None, ["train.batch_size=64", "train.steps=40", "tune.ratios=[0,0.5,1]", "tune.mode=augment"])
+    with pytest.raises(ValueError, match=r"r=1 adds 192 synthetic.*has 100.*tune.mode=fixed_budget"):
+        sweep_plan(192, 100, cfg)
+    cfg.tune.ratios = [0.0, 0.5]
+    assert [p["train_images"] for p in sweep_plan(192, 100, cfg)] == [192, 288]
+    small = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, mode="fixed_budget"))
+    with pytest.raises(ValueError, match=r"r=0 trains on 50 images.*lower train.batch_size"):
+        sweep_plan(192, 50, small)
+
+    u = TuneConfig()
+    assert max_concurrent_trials(u, {"cpu": 1.0, "gpu": 0.0}, {"CPU": 4}, trials=33) == 4
+    assert max_concurrent_trials(u, {"cpu": 1.0, "gpu": 1.0}, {"CPU": 64, "GPU": 8}, trials=33) == 8
+    assert max_concurrent_trials(u, {"cpu": 1.0, "gpu": 0.5}, {"CPU": 64, "GPU": 8}, trials=3) == 3
+    assert max_concurrent_trials(u, {"cpu": 8.0, "gpu": 0.0}, {"CPU": 4}, trials=3) == 1
+    assert max_concurrent_trials(TuneConfig(max_concurrent_trials=2), {"cpu": 1.0, "gpu": 0.0}, {"CPU": 64}, 33) == 2
+
+    assert make_scheduler(cfg) is None
+    asha = make_scheduler(load_config(None, ["train.steps=40", "tune.asha=true"]))
+    assert (asha._time_attr, asha._max_t) == ("step", 40)  # rungs in optimizer steps: epochs vary in augment mode
+    assert sorted(milestone for milestone, _ in asha._brackets[0]._rungs) == [10, 30]  # grace: a quarter of the steps
+
+    def row(ratio, seed, status, val=None):
+        return {"ratio": ratio, "seed": seed, "status": status, "val_real_accuracy": val, "test_real_accuracy": val,
+                "test_synthetic_accuracy": val, "test_mixture_accuracy": val, "real_images": 1, "synthetic_images": 1}  # fmt: skip
+
+    table = ratio_table(
+        [row(0.0, 0, "completed", 0.8), row(0.0, 1, "completed", 0.6), row(0.5, 0, "completed", 0.9),
+         row(0.5, 1, "stopped_early", 0.1), row(1.0, 0, "error")]
+    )  # fmt: skip
+    assert [e["n"] for e in table] == [2, 1, 0] and table[1]["stopped_early"] == 1 and table[2]["errors"] == 1
+    assert table[0]["val_real"] == {"mean": pytest.approx(0.7), "std": pytest.approx(0.1414, abs=1e-4)}
+    assert table[2]["val_real"] is None  # a stopped or failed trial never enters a mean
+    assert best_ratio(table)["ratio"] == 0.5
+
+
+def test_gather_holds_each_cell_once_and_keeps_failures(tmp_path):
+    from types import SimpleNamespace
+
+    from synth.tune import gather
+
+    cfg = load_config(None, [f"storage.root={tmp_path}", "tune.ratios=[0,1]", "tune.seeds=[0]"])
+    storage = Storage(str(tmp_path))
+    plan = [{"ratio": r, "real_images": 1, "synthetic_images": 1, "train_images": 2, "epochs": 1} for r in (0.0, 1.0)]
+
+    def result(ratio, error=None, **metrics):
+        return SimpleNamespace(config={"ratio": ratio, "seed": 0}, metrics={"trial_id": f"t{ratio}", **metrics}, error=error)
+
+    rows = gather(cfg, storage, [result(0.0, step=3, val_real_accuracy=0.5), result(1.0, RuntimeError("boom\nOOM"))], plan)
+    assert [(r["ratio"], r["status"], r["trial_id"]) for r in rows] == [(0.0, "stopped_early", "t0.0"), (1.0, "error", "t1.0")]
+    assert rows[1]["error"] == "OOM" and rows[0]["test_real_accuracy"] is None
+    with pytest.raises(RuntimeError, match=r"missing \[\(1.0, 0\)\], repeated \[\(0.0, 0\)\].*Fix: delete"):
+        gather(cfg, storage, [result(0.0), result(0.0)], plan)
+
+
+# -- bad input: a clear error before any trial starts ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("tune.ratios=[0,1.5]", "tune.ratios=[0.0, 1.5] is invalid: 1.5 is outside [0, 1]"),
+        ("tune.ratios=[]", "tune.ratios=[] is invalid: give at least one synthetic fraction"),
+        ("tune.seeds=[]", "tune.seeds=[] is invalid"),
+        ("tune.mode=foo", "tune.mode='foo' is invalid: choose one of fixed_budget, augment"),
+        ("tune.ratios=[0.5,0.5]", "give distinct ratios"),
+    ],
+)
+def test_bad_input_fails_before_any_trial(tmp_path, capsys, override, needle):
+    code = cli_main("tune", run_tune, [str(REPO / "configs" / "smoke.yaml"), f"storage.root={tmp_path}", override])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("synth tune: error:") and needle in err[0], err
+    assert not any(tmp_path.iterdir())  # nothing written, no Tune experiment
+
+
+def test_bad_config_built_in_code_and_short_data_fail_before_any_trial(root, real_fixture):
+    cfg = make_config(root, real_fixture, "short", "tune.mode=augment", "tune.ratios=[0,0.5,1]", "tune.seeds=[0]")
+    with pytest.raises(ConfigError, match="tune.mode='foo' is invalid"):  # a Config built in code is checked too
+        run_tune(dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, mode="foo")))
+    with pytest.raises(ConfigError, match="tune.ratios=.* is invalid: -0.1 is outside"):
+        run_tune(dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, ratios=[-0.1, 0.5])))
+    # val_fraction 0.1 leaves 216 real train images; augment at r=1 would add 216 synthetic ones, and there are 192.
+    cfg, storage = prepare(root, real_fixture, "short", "tune.mode=augment", "tune.ratios=[0,0.5,1]", "tune.seeds=[0]",
+                           "dataset.val_fraction=0.1")  # fmt: skip
+    with pytest.raises(ValueError, match=r"r=1 adds 216 synthetic images.*has 192.*Fix:"):
+        run_tune(cfg, storage)
+    assert not (root / "short" / "tune" / "ray").exists()  # no Tuner was made, no trial started
+
+
+# -- the sweep ---------------------------------------------------------------------------------
+
+
+def test_curve_has_the_shape_the_data_dictates(sweep):
+    cfg, storage, summary = sweep
+    assert summary["status"] == "new" and summary["trials_completed"] == summary["trials_trained"] == 4
+    by_ratio = {e["ratio"]: e for e in summary["table"]}
+    val = [by_ratio[r]["val_real"]["mean"] for r in (0.0, 0.25, 0.75, 1.0)]
+    synthetic_test = [by_ratio[r]["test_synthetic"]["mean"] for r in (0.0, 0.25, 0.75, 1.0)]
+    # Real images only: right on real images. Wrong-class synthetic images only: wrong on them,
+    # below chance. In between the majority wins; never does more synthetic data help.
+    assert val[0] > 0.8 and val[1] > 0.8, val
+    assert val[2] < CHANCE and val[3] < CHANCE, val
+    assert all(b <= a + 0.1 for a, b in zip(val, val[1:])), val
+    assert synthetic_test[0] < CHANCE and synthetic_test[3] > 0.8, synthetic_test  # the mirror image
+    for e in summary["table"]:  # mixture test = the union of both test splits
+        assert e["test_mixture"]["mean"] == pytest.approx((e["test_real"]["mean"] + e["test_synthetic"]["mean"]) / 2)
+        assert e["real_images"] + e["synthetic_images"] == 192 and e["synthetic_images"] == round(192 * e["ratio"])
+    assert summary["best"]["ratio"] == 0.0  # chosen on real validation accuracy (ties: the smaller ratio)
+
+
+def test_results_table_plot_and_records(sweep):
+    cfg, storage, summary = sweep
+    layout = Layout(cfg.run)
+    rows = pq.read_table(storage.uri(f"{layout.tune_results}.parquet")).to_pylist()
+    assert sorted((r["ratio"], r["seed"]) for r in rows) == [(0.0, 0), (0.25, 0), (0.75, 0), (1.0, 0)]
+    assert all(r["status"] == "completed" and r["step"] == 24 and r["epochs"] == 8 for r in rows)
+    assert len({r["trial_id"] for r in rows}) == 4
+    document = storage.read_json(f"{layout.tune_results}.json")
+    assert document["experiment"] == experiment_name(cfg) == summary["experiment"]
+    assert document["metric"] == "val_real_accuracy" and document["best"]["ratio"] == 0.0
+    record = storage.read_json(layout.tune_trial(experiment_name(cfg), 0.25, 0))
+    assert [h["epoch"] for h in record["history"]] == list(range(1, 9)) and record["synthetic_images"] == 48
+    assert set(record["test"]) == {"real", "synthetic", "mixture"} and record["test"]["real"]["n"] == 60
+    assert record["val"]["real"]["n"] == 48  # the objective is the real validation split
+    assert storage.read_bytes(layout.tune_plot)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert storage.exists(layout.config_file("tune")) and storage.read_json(layout.summary("tune"))["trials_total"] == 4
+
+
+def test_rerun_of_a_finished_sweep_trains_nothing(sweep):
+    cfg, storage, _ = sweep
+    before = storage.read_json(Layout(cfg.run).tune_trial(experiment_name(cfg), 0.0, 0))
+    summary = run_tune(cfg, storage)
+    assert summary["status"] == "skipped (already done)" and summary["trials_trained"] == 0
+    assert storage.read_json(Layout(cfg.run).tune_trial(experiment_name(cfg), 0.0, 0)) == before
+
+
+def test_report_shows_the_sweep(sweep):
+    from synth.report import run_report
+
+    cfg, storage, _ = sweep
+    # The report needs the train stage's metrics; one minimal model stands in for them here.
+    storage.write_json(
+        Layout(cfg.run).train_metrics("train-real", 0),
+        {"experiment": "train-real", "train_domain": "real", "seed": 0, "classes": CLASSES, "val": {"accuracy": 1.0},
+         "test": {"real": {"accuracy": 1.0}}},
+    )  # fmt: skip
+    summary = run_report(cfg, storage)
+    report = storage.read_json(f"{cfg.run}/report/report.json")
+    assert "tune-accuracy-vs-ratio.png" in report["plots"] and report["tune"]["best"]["ratio"] == 0.0
+    assert [e["ratio"] for e in report["tune"]["table"]] == [0.0, 0.25, 0.75, 1.0]
+    html = Path(summary["html"]).read_text()
+    markdown = Path(summary["markdown"]).read_text()
+    for text in (html, markdown):
+        assert "Mixing ratio: how much synthetic data to use" in text and "Best synthetic fraction" in text
+    assert "| 0.25 | 144 + 48 | 100.0 (n=1) |" in markdown
+    assert storage.exists(f"{cfg.run}/report/tune-accuracy-vs-ratio.png")
+
+
+def test_asha_stops_trials_below_the_rung(root, real_fixture, ray_local):
+    # One trial at a time in grid order: r=0 sets the rungs, r=1 (below chance) falls under them.
+    cfg, storage = prepare(root, real_fixture, "asha", "tune.ratios=[0,1]", "tune.seeds=[0]", "tune.asha=true",
+                           "tune.asha_grace_steps=3", "tune.asha_reduction_factor=2", "tune.max_concurrent_trials=1")  # fmt: skip
+    summary = run_tune(cfg, storage)
+    rows = {r["ratio"]: r for r in storage.read_json(f"{Layout(cfg.run).tune_results}.json")["rows"]}
+    assert rows[0.0]["status"] == "completed" and rows[0.0]["step"] == 24
+    assert rows[1.0]["status"] == "stopped_early" and rows[1.0]["step"] < 24 and rows[1.0]["test_real_accuracy"] is None
+    assert summary["trials_stopped_early"] == 1 and summary["best"]["ratio"] == 0.0
+    assert [e["n"] for e in summary["table"]] == [1, 0]
+
+
+@pytest.mark.slow
+def test_sweep_on_s3_restores_from_s3(tmp_path, real_fixture, s3_server, ray_local):
+    from conftest import make_bucket
+
+    make_bucket(s3_server, "tune")
+    # Three epochs per trial: this is about storage, the shape test is about learning.
+    extra = [f"storage.s3_endpoint_url={s3_server}", "tune.ratios=[0,1]", "tune.seeds=[0]", "train.steps=9"]
+    cfg, storage = prepare("s3://tune/root", real_fixture, "s3", *extra)
+    summary = run_tune(cfg, storage)
+    assert summary["status"] == "new" and summary["trials_completed"] == 2
+    assert summary["results"].startswith("s3://tune/root/s3/tune/")
+    assert storage.list(f"{Layout(cfg.run).tune_ray_results}/{experiment_name(cfg)}")  # Tune's folder is on S3
+    # Without the gathered results the rerun must go through Tuner.restore, on S3, and train nothing.
+    storage.delete(f"{Layout(cfg.run).tune_results}.json")
+    again = run_tune(cfg, storage)
+    assert again["status"] == "restored" and again["trials_trained"] == 0 and again["trials_completed"] == 2
+
+
+# -- resume --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_redoing_finished_trials(root, real_fixture, ray_local):
+    """SIGKILL the driver while its second trial trains; a rerun restores the sweep and finishes it.
+
+    One trial at a time, in grid order: r=0 finishes, r=0.5 is killed after a few epochs (it
+    must continue from its checkpoint), r=1 has not started.
+    """
+    import ray
+
+    overrides = ["tune.ratios=[0,0.5,1]", "tune.seeds=[0]", "tune.max_concurrent_trials=1", "train.steps=60"]
+    cfg, storage = prepare(root, real_fixture, "resume", *overrides)
+    layout, experiment = Layout(cfg.run), experiment_name(cfg)
+    argv = [f"run={cfg.run}", f"storage.root={root}", f"dataset.real_path={real_fixture}", "dataset.domains=[real]",
+            f"prompts.classes=[{','.join(CLASSES)}]", *TINY, *overrides,
+            f"ray.address={ray.get_runtime_context().gcs_address}"]  # fmt: skip
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    driver = subprocess.Popen([sys.executable, "-m", "ray_jobs.tune", *argv], cwd=REPO, start_new_session=True, **quiet)
+    records = root / layout.stage("tune") / "trials" / experiment
+    experiment_dir = root / layout.tune_ray_results / experiment
+    second = experiment_dir / "ratio-0.5-seed-0" / "result.json"
+
+    def second_reports() -> int:
+        return len(second.read_text().splitlines()) if second.exists() else 0
+
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and driver.poll() is None and second_reports() < 3:
+            time.sleep(0.05)
+        assert driver.poll() is None, "the driver finished (or failed) before it could be killed"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver's own process group: only what we started
+        driver.wait()
+    time.sleep(2)  # Ray ends the dead driver's trial actor; let a straggling write land first
+    finished = {p.name: json.loads(p.read_text()) for p in records.glob("*.json")}
+    assert "ratio-0-seed-0.json" in finished and "ratio-1-seed-0.json" not in finished
+    assert not storage.exists(f"{layout.tune_results}.json")
+
+    summary = run_tune(cfg, storage)
+    assert summary["status"] == "restored" and summary["trials_completed"] == 3
+    assert summary["trials_already_finished"] == len(finished) and summary["trials_trained"] == 3 - len(finished)
+    rows = pq.read_table(storage.uri(f"{layout.tune_results}.parquet")).to_pylist()
+    assert sorted((r["ratio"], r["seed"]) for r in rows) == [(0.0, 0), (0.5, 0), (1.0, 0)]  # each exactly once
+    assert len({r["trial_id"] for r in rows}) == 3 and all(r["status"] == "completed" for r in rows)
+    for name, record in finished.items():  # not retrained: the same record, down to its attempt id
+        assert json.loads((records / name).read_text()) == record
+    if "ratio-0.5-seed-0.json" not in finished:  # killed mid-way: continued from a checkpoint, not from scratch
+        record = json.loads((records / "ratio-0.5-seed-0.json").read_text())
+        assert len(record["resumed_from_epochs"]) == 1 and 1 <= record["resumed_from_epochs"][0] < 20, record
+        assert [h["epoch"] for h in record["history"]] == list(range(1, 21)) and record["history"][-1]["step"] == 60
+    # Tune's own view agrees: one trial folder per (ratio, seed) in the one experiment folder.
+    assert sorted(p.name for p in experiment_dir.iterdir() if p.is_dir()) == [
+        "ratio-0-seed-0", "ratio-0.5-seed-0", "ratio-1-seed-0"
+    ]  # fmt: skip
