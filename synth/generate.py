@@ -146,8 +146,10 @@ class DiffusersGenerator:
 
 
 def _to_uint8_hwc(x) -> np.ndarray:
+    import torch
+
     # (B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8, converted on the device
-    return (x * 255).round_().to(dtype=__import__("torch").uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return (x * 255).round_().to(dtype=torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 class ClassAwareTestGenerator:

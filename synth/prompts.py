@@ -91,17 +91,21 @@ def build_prompt_table(cfg: Config) -> pa.Table:
 
 def run_prompts(cfg: Config, storage=None) -> dict:
     """Write the prompt table, its config and summary; returns the summary."""
+    from synth.storage import Storage
+
+    storage = storage or Storage.from_config(cfg.storage)
+    storage.check_writable()
+    return _write_prompt_table(cfg, storage, build_prompt_table(cfg))
+
+
+def _write_prompt_table(cfg: Config, storage, table: pa.Table) -> dict:
+    import time
     from collections import Counter
 
     from synth.runtime import write_stage_config, write_stage_summary
-    from synth.storage import Layout, Storage
-
-    import time
+    from synth.storage import Layout
 
     start = time.perf_counter()
-    storage = storage or Storage.from_config(cfg.storage)
-    storage.check_writable()
-    table = build_prompt_table(cfg)
     layout = Layout(cfg.run)
     write_stage_config(storage, cfg, "prompts")
     storage.write_parquet(layout.prompts_table, table)
@@ -127,10 +131,12 @@ def ensure_prompt_table(cfg: Config, storage) -> pa.Table:
     from synth.storage import Layout
 
     layout = Layout(cfg.run)
+    expected = build_prompt_table(cfg)
     if not storage.exists(layout.prompts_table):
-        run_prompts(cfg, storage)
+        _write_prompt_table(cfg, storage, expected)
+        return expected
     stored = storage.read_parquet(layout.prompts_table)
-    if not stored.equals(build_prompt_table(cfg)):
+    if not stored.equals(expected):
         raise ValueError(
             f"the stored prompt table {storage.uri(layout.prompts_table)} was built from a different prompts "
             "config than the one given now. Fix: rerun the prompts stage with this config "

@@ -213,6 +213,13 @@ class Storage:
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))
 
+    def read_json_or_none(self, key: str) -> Any:
+        """The JSON document at ``key``, or None when it is absent or unreadable (one request)."""
+        try:
+            return json.loads(self.read_bytes(key))
+        except (FileNotFoundError, ValueError):
+            return None
+
     def write_text(self, key: str, text: str) -> None:
         self.write_bytes(key, text.encode())
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
@@ -383,60 +382,38 @@ def train_loop_per_worker(config: dict) -> dict:
 class Split:
     images: np.ndarray  # (N, H, W, 3) uint8
     labels: np.ndarray  # (N,) int64, indexing the config's classes
-    skipped: int = 0  # rows whose image could not be decoded (reported, never silently dropped)
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
-def _decode_png(blob: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(blob)) as img:
-        return np.asarray(img.convert("RGB"))
-
-
 def read_split(storage: Storage, run: str, domain: str, split: str, classes: list[str]) -> Split:
     """One stored split (``<run>/dataset/<domain>/<split>.parquet``) as arrays.
 
-    Checks that every row's ``class_name`` is ``classes[label]``: a mismatch means the dataset
-    was built for another class list, and training on it would be silently wrong.
+    The dataset stage has already dropped (and counted) undecodable images. This also checks that
+    every row's ``class_name`` is ``classes[label]``: a mismatch means the dataset was built for
+    another class list, and training on it would be silently wrong.
     """
-    key = Layout(run).dataset_split(domain, split)
-    if not storage.exists(key):
-        raise ValueError(f"{storage.uri(key)} does not exist. Fix: run the dataset stage first (python -m ray_jobs.dataset ...)")
-    table = storage.read_parquet(key, columns=["label", "class_name", "image"])
+    from synth.dataset import decode_images, load_split_table
+
+    table = load_split_table(storage, run, domain, split)
+    where = storage.uri(Layout(run).dataset_split(domain, split))
     labels = np.asarray(table.column("label").to_numpy(), dtype=np.int64)
     names = table.column("class_name").to_pylist()
     bad = [(int(y), n) for y, n in zip(labels, names) if not (0 <= y < len(classes)) or classes[y] != n]
     if bad:
         raise ValueError(
-            f"{storage.uri(key)}: {len(bad)} rows have labels that do not match prompts.classes={classes} "
+            f"{where}: {len(bad)} rows have labels that do not match prompts.classes={classes} "
             f"(first: label {bad[0][0]}, class_name {bad[0][1]!r}). Fix: rebuild the dataset with this class list"
         )
-    images, keep = [], []
-    for i, blob in enumerate(table.column("image").to_pylist()):
-        try:
-            images.append(_decode_png(blob))
-            keep.append(i)
-        except Exception as exc:  # a corrupt row: counted in the summary, not fatal
-            log.warning("%s row %d: cannot decode image: %s", key, i, exc)
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise ValueError(f"{storage.uri(key)}: images of several sizes {sorted(shapes)}. Fix: rebuild the dataset at one size")
-    size = min(next(iter(shapes))[:2]) if shapes else MIN_IMAGE_SIZE
-    if size < MIN_IMAGE_SIZE:
-        raise ValueError(f"{storage.uri(key)}: images are {size} px; the CNN needs at least {MIN_IMAGE_SIZE}")
-    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
-    return Split(stacked, labels[keep], skipped=len(labels) - len(keep))
+    images = decode_images(table)  # (N, S, S, 3) uint8
+    if len(images) and images.shape[1] < MIN_IMAGE_SIZE:
+        raise ValueError(f"{where}: images are {images.shape[1]} px; the CNN needs at least {MIN_IMAGE_SIZE}")
+    return Split(images, labels)
 
 
 def _concat(*splits: Split) -> Split:
-    return Split(
-        np.concatenate([s.images for s in splits]),
-        np.concatenate([s.labels for s in splits]),
-        skipped=sum(s.skipped for s in splits),
-    )
+    return Split(np.concatenate([s.images for s in splits]), np.concatenate([s.labels for s in splits]))
 
 
 def mixture(real: Split, synthetic: Split, synthetic_fraction: float, seed: int = MIXTURE_SEED) -> Split:
@@ -486,7 +463,7 @@ class ExperimentData:
         return self.splits[f"{test_domain}/test"]
 
     def counts(self) -> dict:
-        return {k: {"images": len(s), "skipped": s.skipped} for k, s in sorted(self.splits.items())}
+        return {k: {"images": len(s)} for k, s in sorted(self.splits.items())}
 
 
 # ============================================================================================
@@ -737,13 +714,8 @@ def train_experiment(
 
 def _done(storage: Storage, key: str, cfg_hash: str, test_domains: list[str]) -> Optional[dict]:
     """The stored metrics of a finished cell made with this config, else None."""
-    if not storage.exists(key):
-        return None
-    try:
-        metrics = storage.read_json(key)
-    except (ValueError, OSError):
-        return None
-    if metrics.get("config_hash") != cfg_hash or not set(test_domains) <= set(metrics.get("test", {})):
+    metrics = storage.read_json_or_none(key)
+    if not isinstance(metrics, dict) or metrics.get("config_hash") != cfg_hash or not set(test_domains) <= set(metrics.get("test", {})):
         return None
     return metrics
 
@@ -820,7 +792,6 @@ def run_train(cfg: Config, storage: Optional[Storage] = None) -> dict:
         "cells_already_done": len(done),
         "cells_trained": len(todo),
         "data": data.counts() if data else None,
-        "images_skipped": sum(s.skipped for s in data.splits.values()) if data else 0,
         "partial_writes_removed": removed,
         "wall_seconds": round(time.perf_counter() - start, 3),
     }

@@ -156,7 +156,7 @@ class SweepData:
 
     def counts(self) -> dict:
         return {
-            name: {"images": len(split), "skipped": split.skipped}
+            name: {"images": len(split)}
             for name, split in (("real/train", self.real_train), ("synthetic/train", self.synthetic_train),
                                 ("real/val", self.real_val), ("real/test", self.real_test),
                                 ("synthetic/test", self.synthetic_test))
@@ -183,12 +183,7 @@ def trial_hash(sweep_hash: str, ratio: float, seed: int) -> str:
 
 def read_record(storage: Storage, key: str, expected_hash: str) -> Optional[dict]:
     """A finished trial's record made with this config, else None (absent, unreadable or stale)."""
-    if not storage.exists(key):
-        return None
-    try:
-        record = storage.read_json(key)
-    except (ValueError, OSError):
-        return None
+    record = storage.read_json_or_none(key)
     return record if isinstance(record, dict) and record.get("trial_hash") == expected_hash else None
 
 
@@ -608,11 +603,8 @@ def _write_results(storage: Storage, cfg: Config, rows: list[dict], document: di
 def _finished(storage: Storage, cfg: Config) -> Optional[dict]:
     """The stored results of this exact sweep when every trial of it has finished, else None."""
     key = f"{Layout(cfg.run).tune_results}.json"
-    if not storage.exists(key):
-        return None
-    try:
-        document = storage.read_json(key)
-    except (ValueError, OSError):
+    document = storage.read_json_or_none(key)
+    if not isinstance(document, dict):
         return None
     rows = document.get("rows", [])
     if document.get("experiment") != experiment_name(cfg) or len(rows) != len(cfg.tune.ratios) * len(cfg.tune.seeds):

@@ -20,6 +20,7 @@ from synth.generate import existing_shards
 from synth.storage import PARTIAL_MARK, Layout, Storage
 
 CLASSES = ["bird", "cat", "deer", "dog", "frog", "horse"]
+RAY_STARTED = "Started a local Ray instance"  # what ray.init logs when it starts one
 
 
 def tiny_config(root, model, *extra):
@@ -52,9 +53,8 @@ def assert_complete(storage: Storage, per_class: int, run: str = "t") -> list[di
     for r in manifest:
         assert CLASSES[r["label"]] == r["class_name"] and r["class_name"] in r["prompt"]
         assert r["id"].startswith(r["class_name"] + "-")
-    root = storage.root
     if not storage.is_s3:
-        assert not [p for p in Path(root).rglob("*") if PARTIAL_MARK in p.name], "no stray partial objects"
+        assert not [p for p in Path(storage.root).rglob("*") if PARTIAL_MARK in p.name], "no stray partial objects"
     return manifest
 
 
@@ -79,6 +79,8 @@ def test_tiny_pipeline_run_is_complete_and_deterministic(tmp_path, tiny_sd, ray_
 
 
 def test_class_aware_generator_draws_the_prompted_class(tmp_path, ray_local):
+    import io
+
     from PIL import Image
 
     from synth.generate import run_generate
@@ -88,7 +90,7 @@ def test_class_aware_generator_draws_the_prompted_class(tmp_path, ray_local):
     run_generate(cfg)
     manifest, images = read_generated(Storage(str(tmp_path)))
     for r in manifest:
-        img = np.asarray(Image.open(__import__("io").BytesIO(images[r["id"]])), dtype=np.float32)
+        img = np.asarray(Image.open(io.BytesIO(images[r["id"]])), dtype=np.float32)
         mean = img.reshape(-1, 3).mean(0)
         nearest = int(np.argmin(np.linalg.norm(_PALETTE[: len(CLASSES)] * 0.8 - mean, axis=1)))
         assert nearest == r["label"], f"{r['id']} looks like class {nearest}"
@@ -180,6 +182,7 @@ def test_killed_driver_then_rerun_completes_exactly_once(tmp_path, tiny_sd):
 
     rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert RAY_STARTED in rerun.stderr + rerun.stdout  # so its absence below means something
     summary = storage.read_json(layout.summary("generate"))
     assert summary["shards_already_stored"] == done_before
     assert summary["shards_generated"] == 24 - done_before
@@ -189,7 +192,7 @@ def test_killed_driver_then_rerun_completes_exactly_once(tmp_path, tiny_sd):
     assert finished.returncode == 0
     summary = storage.read_json(layout.summary("generate"))
     assert summary["shards_generated"] == 0 and summary["images_generated"] == 0
-    assert "Started a local Ray instance" not in finished.stderr + finished.stdout  # no Ray, no generator
+    assert RAY_STARTED not in finished.stderr + finished.stdout  # no Ray, no generator
 
 
 def test_full_resolution_images_are_kept_when_asked(tmp_path, ray_local):
