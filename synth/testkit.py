@@ -313,6 +313,57 @@ def write_image_folder_fixture(
     return folder
 
 
+def write_dataset_split(
+    storage,
+    run: str,
+    domain: str,
+    split: str,
+    images: np.ndarray,
+    labels,
+    classes: list[str],
+    ids: list[str] | None = None,
+    source: str = "testkit",
+) -> str:
+    """Write one split in the dataset stage's own format (its ``SCHEMA``, metadata and sort order).
+
+    ``images``: (N, S, S, 3) uint8; ``labels``: N ints indexing ``classes``; ids default to
+    ``<domain>-<split>-<class>-<n>``. Goes through :func:`synth.dataset.build_table`, so a test
+    table can never drift from what the dataset stage writes. Returns the key written.
+    """
+    from synth.dataset import Item, build_table
+    from synth.storage import Layout
+
+    labels = [int(y) for y in labels]
+    if ids is None:
+        seen: dict[int, int] = {}
+        ids = []
+        for y in labels:
+            ids.append(f"{domain}-{split}-{classes[y]}-{seen.get(y, 0):05d}")
+            seen[y] = seen.get(y, 0) + 1
+    items = [
+        Item(id=i, label=y, class_name=classes[y], source=source, pixels=np.ascontiguousarray(img))
+        for i, y, img in zip(ids, labels, images)
+    ]
+    table, skipped = build_table(items, domain, int(images.shape[1]), classes)
+    assert skipped == 0, "every fixture image is decodable"
+    key = Layout(run).dataset_split(domain, split)
+    storage.write_parquet(key, table)
+    return key
+
+
+def write_class_aware_dataset(
+    storage, run: str, classes: list[str], per_class: dict[str, int], domains=("real", "synthetic"), size: int = 32
+) -> None:
+    """Every split of ``domains`` with ``per_class[split]`` class-pattern images per class (seeds distinct)."""
+    for d, domain in enumerate(domains):
+        for s, (split, n) in enumerate(per_class.items()):
+            rows = [(label, i) for label in range(len(classes)) for i in range(n)]
+            images = np.stack(
+                [class_pattern_image(y, 100_000 * d + 10_000 * s + 100 * y + i, size) for y, i in rows]
+            )
+            write_dataset_split(storage, run, domain, split, images, [y for y, _ in rows], classes)
+
+
 USAGE = """usage:
   python -m synth.testkit tiny-sd <folder>                     random-weight tiny Stable Diffusion pipeline
   python -m synth.testkit cifar10-fixture <folder> [TRAIN TEST] class-aware CIFAR-10 python-format fixture
