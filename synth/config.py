@@ -171,6 +171,8 @@ class TrainConfig:
     # Resources: Ray Train workers (DDP ranks), GPUs (None: use them when the cluster has them),
     # and how many worker-group failures Ray retries from the last checkpoint.
     num_workers: int = 1
+    # CPUs Ray reserves for each worker; on a CPU the worker trains with as many torch threads.
+    cpus_per_worker: float = 1.0
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
     max_failures: int = 3
     # Network: multiplies airbench94's 64/256/256 channel widths (same in every cell).
@@ -301,6 +303,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     except OmegaConfBaseException as exc:
         raise _explain(exc, "the merged config") from exc
     validate(cfg)
+    return resolve_paths(cfg)
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Make a local ``storage.root`` absolute against the working directory of the process that loads the config.
+
+    Done once, here, so every process that receives the config (Ray workers, actors and Tune
+    trials each run in their own working directory) means the same folder; the resolved root
+    is what each stage records in its ``config.yaml``.
+    """
+    from synth.storage import local_root
+
+    if not cfg.storage.root.startswith("s3://") and "://" not in cfg.storage.root:
+        cfg.storage.root = local_root(cfg.storage.root)
     return cfg
 
 
@@ -408,6 +424,7 @@ def validate(cfg: Config) -> None:
         "must be in [0, 1] (0: all real, 1: all synthetic)",
     )
     _require(1 <= t.num_workers <= 1024, "train.num_workers", t.num_workers, "must be in [1, 1024]")
+    _require(0.0 < t.cpus_per_worker <= 1024, "train.cpus_per_worker", t.cpus_per_worker, "must be in (0, 1024]")
     _require(0 <= t.max_failures <= 100, "train.max_failures", t.max_failures, "must be in [0, 100]")
     _require(1 / 64 <= t.width <= 8.0, "train.width", t.width, "must be in [1/64, 8] (1.0 is airbench94's 64/256/256 channels)")
     _require(1 <= t.batch_size <= 65536, "train.batch_size", t.batch_size, "must be in [1, 65536]")

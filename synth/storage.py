@@ -33,6 +33,11 @@ class StorageError(RuntimeError):
     """Storage is unreachable, unwritable or refuses our credentials; the message says the fix."""
 
 
+def local_root(root: str) -> str:
+    """A local storage root as an absolute path (``~`` expanded), against this process's working directory."""
+    return os.path.abspath(os.path.expanduser(root))
+
+
 class Storage:
     def __init__(self, root: str, s3_endpoint_url: Optional[str] = None, s3_region: Optional[str] = None):
         self.root = root.rstrip("/") if root != "/" else root
@@ -46,6 +51,10 @@ class Storage:
             self.bucket, self.prefix = bucket, prefix.strip("/")
         elif "://" in self.root:
             raise StorageError(f"storage root {root!r}: only local folders and s3:// URIs are supported")
+        else:
+            # Absolute from here on: a Ray worker, actor or Tune trial runs in another working
+            # directory, and a pickled Storage must still mean the folder the user named.
+            self.root = local_root(self.root)
         self._client = None
 
     @classmethod
@@ -60,6 +69,20 @@ class Storage:
 
     def __repr__(self) -> str:
         return f"Storage({self.root!r})"
+
+    def ray_storage(self, key: str):
+        """``(storage_path, storage_filesystem)`` for Ray Train and Tune: a local absolute path, or S3."""
+        if not self.is_s3:
+            return self.uri(key), None
+        if self.s3_endpoint_url:  # MinIO and friends: pyarrow needs the endpoint explicitly
+            import pyarrow.fs
+
+            scheme, _, host = self.s3_endpoint_url.partition("://")
+            fs = pyarrow.fs.S3FileSystem(
+                endpoint_override=host or scheme, scheme=scheme if host else "https", region=self.s3_region or "us-east-1"
+            )
+            return self.uri(key)[len("s3://") :], fs
+        return self.uri(key), None
 
     # -- addressing ---------------------------------------------------------------------------
 

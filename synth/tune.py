@@ -9,26 +9,31 @@ budget (``train.*``); only the composition of its training set changes:
   changes (r=0 is real-only, r=1 synthetic-only, at the same size);
 - ``tune.mode=augment``: every real train image plus round(r x real train) synthetic ones.
 
-Which images a trial takes is drawn with its seed, as prefixes of one seeded permutation per
-domain, so for one seed the synthetic images at r=0.3 are a subset of those at r=0.4.
+Which images a trial takes is :func:`synth.splits.mix`, the train stage's mixing rule: the draw
+varies with the seed, and for one seed the synthetic images at r=0.3 are a subset of those at
+r=0.4. A ``fixed_budget`` trial at r = f with seed s is the train stage's mixture cell at f with
+seed s: same images, same network, same steps (a test holds them equal).
 
-The objective is accuracy on the **real validation split** (every epoch; ASHA reads it when
-``tune.asha`` is on). Test splits (real, synthetic, and their union "mixture") are evaluated once,
-at a trial's last step, and reported for the final table only: nothing selects on them.
+The objective is accuracy on the **real validation split**: each epoch with one view per image
+(what ASHA reads when ``tune.asha`` is on), and at the last step with the full test-time
+augmentation (what chooses the best ratio). Test splits (real, synthetic, and their union
+"mixture") are scored once, at a trial's last step, for the final table only: nothing selects
+on them.
 
 Three layers, in Ray's idiom, top to bottom in this file:
 
-1. :func:`train_trial` -- the Tune function trainable: one model on the trial's device (a GPU
-   when the trial has one), plain PyTorch built from :mod:`synth.train`'s blocks (same network,
-   optimizer, schedule, augmentation and evaluation as the train stage's workers; the few Ray
-   lines are marked ``# [ray]``). It reports real-val accuracy and a checkpoint every epoch, and
-   writes a record of the finished trial to storage before its last report.
+1. :func:`train_trial` -- the Tune function trainable: the training core
+   (:class:`synth.recipe.Run`: the train stage's network, optimizer, schedule, augmentation and
+   evaluation) on the trial's device (a GPU when the trial has one); the few Ray lines are
+   marked ``# [ray]``. It reports and checkpoints every epoch, and writes a record of the
+   finished trial to storage before its last report.
 2. :func:`make_tuner` -- the ``Tuner``: a grid over ``tune.ratios x tune.seeds``; a deterministic
    experiment name (run, mode and a hash of everything that decides the results); storage under
    ``<run>/tune/ray/``; ``Tuner.restore`` when that experiment already exists, so a killed sweep
    continues and finished trials are not rerun.
 3. :func:`run_tune` -- the stage: checks data and plan before any trial starts, runs (or skips)
-   the sweep, gathers exactly one row per (ratio, seed), writes the table, plot and summary.
+   the sweep, gathers exactly one row per (ratio, seed), writes the table and summary (the
+   report draws the accuracy-vs-ratio plot).
 
 Why a trial trains in its own process instead of launching a ``TorchTrainer``: a CIFAR-sized
 CNN trains on one device in seconds, and a nested Ray Train run (controller + worker group per
@@ -39,13 +44,12 @@ A trial is one model on one device; parallelism comes from running trials side b
 Storage (``<run>/tune/``): ``ray/<experiment>/`` (Tune's experiment folder: per-trial results
 and the latest per-epoch checkpoint), ``trials/<experiment>/ratio-R-seed-S.json`` (one record per
 finished trial), ``results.parquet`` / ``results.json`` (one row per (ratio, seed), the table by
-ratio, the best ratio), ``accuracy-vs-ratio.png``, ``config.yaml``, ``summary.json``.
+ratio, the best ratio), ``config.yaml``, ``summary.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -56,37 +60,21 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import numpy as np
-import torch
-
 from synth.config import Config, TuneConfig, to_dict, validate
-from synth.model import architecture, build_model
+from synth.progress import say, verbose
+from synth.recipe import STATE_FILE, Run, budget, result_hash
+from synth.records import TrialRecord, TuneRow
+from synth.splits import Split, composition, mix, read_split
+from synth.stats import mean_std
 from synth.storage import Layout, Storage, trial_tag
-from synth.train import (
-    WHITEN_IMAGES,
-    Split,
-    _ray_storage,
-    _to_device_images,
-    budget,
-    evaluate,
-    make_optimizer,
-    read_split,
-    restore_state,
-    save_state,
-    train_epoch,
-)
 
 log = logging.getLogger(__name__)
 
 STAGE = "tune"
-METRIC = "val_real_accuracy"  # the objective: accuracy on the real validation split, maximised
+METRIC = "val_accuracy"  # the objective, reported every epoch: accuracy on the real validation split, maximised
 TEST_DOMAINS = ("real", "synthetic", "mixture")  # "mixture": the union of the two test splits
-STATE_FILE = "state.pt"  # inside every Tune checkpoint folder
-MIX_SALT = 0x5EED  # keeps the draw of a trial's images apart from its training randomness
-# Keys of a config that decide a trial's result; resources, retries and which other stages
-# run are left out so a rerun on a different cluster still restores the same experiment.
-NOT_RECIPE = ("experiments", "test_domains", "seeds", "mixture_synthetic_fraction", "num_workers", "use_gpu",
-              "max_failures", "eval_batch_size")  # fmt: skip
+# tune.* keys that decide a sweep's results (with train.*, through synth.recipe.result_hash);
+# resources and retries are left out so a rerun on a different cluster restores the same sweep.
 TUNE_RECIPE = ("ratios", "seeds", "mode", "asha", "asha_grace_steps", "asha_reduction_factor")
 
 
@@ -95,43 +83,9 @@ TUNE_RECIPE = ("ratios", "seeds", "mode", "asha", "asha_grace_steps", "asha_redu
 # ============================================================================================
 
 
-def composition(n_real: int, n_synthetic: int, ratio: float, mode: str) -> tuple[int, int]:
-    """``(real images, synthetic images)`` of a trial's training set; raises when the data is short.
-
-    ``fixed_budget``: N = min(n_real, n_synthetic), round(ratio x N) synthetic, the rest real.
-    ``augment``: all n_real real images plus round(ratio x n_real) synthetic ones.
-    """
-    if mode == "fixed_budget":
-        size = min(n_real, n_synthetic)
-        synthetic = int(round(ratio * size))
-        return size - synthetic, synthetic
-    if mode == "augment":
-        synthetic = int(round(ratio * n_real))
-        if synthetic > n_synthetic:
-            raise ValueError(
-                f"tune.mode=augment at r={ratio:g} adds {synthetic:,} synthetic images (r x {n_real:,} real ones), and the "
-                f"synthetic train split has {n_synthetic:,}. Fix: build more synthetic images "
-                "(dataset.synthetic_train_per_class, prompts.per_class), lower the largest of tune.ratios to "
-                f"{n_synthetic / max(n_real, 1):.2f}, or use tune.mode=fixed_budget"
-            )
-        return n_real, synthetic
-    raise ValueError(f"tune.mode={mode!r} is unknown; choose fixed_budget or augment")
-
-
 def training_set(real: Split, synthetic: Split, ratio: float, mode: str, seed: int) -> Split:
-    """The trial's training images: seeded prefixes of one permutation per domain, shuffled together.
-
-    Prefixes of the same permutations make the sets of neighbouring ratios nest (for one seed),
-    so the curve compares like with like instead of redrawing every point.
-    """
-    n_real, n_synthetic = composition(len(real), len(synthetic), ratio, mode)
-    rng = np.random.default_rng([MIX_SALT, seed])
-    take_real = rng.permutation(len(real))[:n_real]
-    take_synthetic = rng.permutation(len(synthetic))[:n_synthetic]
-    images = np.concatenate([real.images[take_real], synthetic.images[take_synthetic]])  # (N, H, W, 3)
-    labels = np.concatenate([real.labels[take_real], synthetic.labels[take_synthetic]])
-    order = rng.permutation(len(labels))
-    return Split(images[order], labels[order])
+    """The trial's training images: :func:`synth.splits.mix` -- the train stage's mixture rule, at every r."""
+    return mix(real, synthetic, ratio, seed, mode)
 
 
 @dataclass
@@ -181,45 +135,32 @@ def trial_hash(sweep_hash: str, ratio: float, seed: int) -> str:
     return hashlib.sha256(f"{sweep_hash}/{trial_tag(ratio, seed)}".encode()).hexdigest()[:16]
 
 
-def read_record(storage: Storage, key: str, expected_hash: str) -> Optional[dict]:
-    """A finished trial's record made with this config, else None (absent, unreadable or stale)."""
-    record = storage.read_json_or_none(key)
-    return record if isinstance(record, dict) and record.get("trial_hash") == expected_hash else None
+def read_record(storage: Storage, key: str, expected_hash: str) -> Optional[TrialRecord]:
+    """A finished trial's record made with this config, else None (absent, unreadable, stale or malformed)."""
+    from synth.records import RecordError
 
-
-def _score(totals: torch.Tensor) -> dict:
-    """{accuracy, loss, n} from :func:`synth.train.evaluate`'s (correct, loss sum, count)."""
-    correct, loss, n = (float(v) for v in totals.cpu())
-    return {"accuracy": correct / n if n else 0.0, "loss": loss / n if n else 0.0, "n": int(n)}
-
-
-def _test_scores(model, data: SweepData, device: torch.device, hp: dict) -> dict:
-    """Accuracy on each test domain; "mixture" is the union of the real and synthetic test splits."""
-    totals = {}
-    for domain, split in (("real", data.real_test), ("synthetic", data.synthetic_test)):
-        x = _to_device_images(split.images, device)
-        y = torch.from_numpy(np.require(split.labels, requirements=["C", "W"])).to(device)
-        totals[domain] = evaluate(model, x, y, hp["eval_batch_size"], hp["tta_level"])
-    totals["mixture"] = totals["real"] + totals["synthetic"]
-    return {domain: {k: v for k, v in _score(totals[domain]).items() if k != "loss"} for domain in TEST_DOMAINS}
+    obj = storage.read_json_or_none(key)
+    if not isinstance(obj, dict) or obj.get("trial_hash") != expected_hash:
+        return None
+    try:
+        return TrialRecord.from_json(obj)
+    except RecordError as exc:
+        log.warning("tune: %s is malformed (%s); the trial runs again", storage.uri(key), exc)
+        return None
 
 
 def train_trial(config: dict, data: SweepData, context: TrialContext) -> None:
-    """One Tune trial: train at ``config["ratio"]`` with ``config["seed"]``, report every epoch.
+    """One Tune trial: the training core (:class:`synth.recipe.Run`) at ``config["ratio"]`` with ``config["seed"]``.
 
-    Each epoch reports ``epoch, step, train_loss, val_real_accuracy, val_real_loss, seconds``
-    with a checkpoint; the report at the last step adds ``test_<domain>_accuracy`` for real,
-    synthetic and mixture, the data counts, and ``completed: True``. The trial's record is
-    written to storage before that last report: a trial restarted after it (the driver died
-    before Tune noted the trial done) replays the record instead of training again.
-
-    The record, ``<run>/tune/trials/<experiment>/ratio-R-seed-S.json``: ``experiment, ratio, seed,
-    mode, trial_hash, classes, architecture, train_images, real_images, synthetic_images, steps,
-    batch_size, epochs, history`` (the per-epoch reports), ``val: {real: {accuracy, loss, n}}``,
-    ``test: {real|synthetic|mixture: {accuracy, n}}``, ``final`` (the last report),
-    ``resumed_from_epochs, device, wall_seconds, finished_at, attempt, code_version``.
+    Each epoch reports the core's epoch record (``val_accuracy`` is on the real validation
+    split, one view per image) with a checkpoint; the report at the last step adds the final
+    scores with the full test-time augmentation (``val_real_accuracy``, ``test_<domain>_accuracy``
+    for real, synthetic and mixture), the data counts and ``completed: True``. The trial's
+    :class:`synth.records.TrialRecord` is written before that last report: a trial restarted
+    after it (the driver died before Tune noted the trial done) replays it instead of training.
     """
     import ray.tune  # [ray]
+    import torch
 
     from synth.runtime import code_version
 
@@ -231,48 +172,30 @@ def train_trial(config: dict, data: SweepData, context: TrialContext) -> None:
     # 0. Already finished with this config: report what it measured, train nothing.
     record = read_record(storage, key, this_hash)
     if record is not None:
-        ray.tune.report({**record["final"], "replayed": True})  # [ray]
+        ray.tune.report({**record.final, "replayed": True})  # [ray]
         return
 
-    # 1. Data: this trial's training set, then everything on the trial's device as uint8.
+    # 1. The training core on this trial's set, on the trial's device (a GPU when Tune gave it one).
     train = training_set(data.real_train, data.synthetic_train, ratio, context.mode, seed)
     n_real, n_synthetic = composition(len(data.real_train), len(data.synthetic_train), ratio, context.mode)
-    plan = budget(len(train), hp["batch_size"], hp["steps"], world_size=1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU when Tune gave the trial one
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each conv once
-    else:
-        torch.set_num_threads(context.threads)  # the trial's CPUs, not every core of the node
-    x_train = _to_device_images(train.images, device)  # (N, 3, H, W) uint8
-    y_train = torch.from_numpy(train.labels).to(device)
-    x_val = _to_device_images(data.real_val.images, device)
-    y_val = torch.from_numpy(np.require(data.real_val.labels, requirements=["C", "W"])).to(device)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = Run(hp, len(context.classes), seed, device, train.arrays(), data.real_val.arrays(), this_hash, threads=context.threads)
 
-    # 2. Model: as the train stage's workers build it (seed, stem whitening, optimizer groups).
-    torch.manual_seed(seed)
-    model = build_model(len(context.classes), hp["width"]).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model.init_whitening(_to_device_images(train.images[:WHITEN_IMAGES], device).float() / 255.0)
-    optimizer, scheduler = make_optimizer(model, hp, hp["steps"])
-
-    # 3. Resume: Tune hands a restarted trial (failure, or a restored sweep) its last checkpoint.
-    progress: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "config_hash": this_hash, "resumed_from_epochs": []}
+    # 2. Resume: Tune hands a restarted trial (failure, or a restored sweep) its last checkpoint.
     checkpoint = ray.tune.get_checkpoint()  # [ray]
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = restore_state(os.path.join(folder, STATE_FILE), model, optimizer, scheduler, this_hash)
-        progress = {k: state[k] for k in progress}
-        progress["resumed_from_epochs"] = [*progress["resumed_from_epochs"], progress["epoch"]]
-        log.info("tune: %s resumed from epoch %d, step %d", trial_tag(ratio, seed), progress["epoch"], progress["step"])
+            run.restore(os.path.join(folder, STATE_FILE))
+        log.info("tune: %s resumed from epoch %d", trial_tag(ratio, seed), run.progress.epoch)
 
     def finish() -> dict:
-        """Measure the test splits once, store the trial's record, return its last report's metrics."""
-        test = _test_scores(model, data, device, hp)
-        last = progress["history"][-1]
+        """Score the final model once, store the trial's record, return its last report's metrics."""
+        sets = {"val": data.real_val.arrays(), "real": data.real_test.arrays(), "synthetic": data.synthetic_test.arrays()}
+        scores = run.scores(sets, context.classes, {"mixture": ("real", "synthetic")})
         final = {
-            **last,
-            **{f"test_{d}_accuracy": test[d]["accuracy"] for d in TEST_DOMAINS},
+            **run.progress.history[-1],
+            "val_real_accuracy": scores["val"]["accuracy"],
+            **{f"test_{d}_accuracy": scores[d]["accuracy"] for d in TEST_DOMAINS},
             "ratio": ratio,
             "seed": seed,
             "train_images": len(train),
@@ -280,65 +203,30 @@ def train_trial(config: dict, data: SweepData, context: TrialContext) -> None:
             "synthetic_images": n_synthetic,
             "completed": True,
         }
-        record = {
-            "experiment": context.experiment,
-            "ratio": ratio,
-            "seed": seed,
-            "mode": context.mode,
-            "trial_hash": this_hash,
-            "classes": list(context.classes),
-            "architecture": model.signature,
-            "train_images": len(train),
-            "real_images": n_real,
-            "synthetic_images": n_synthetic,
-            "steps": hp["steps"],
-            "batch_size": hp["batch_size"],
-            "epochs": plan["epochs"],
-            "history": progress["history"],
-            "val": {"real": {"accuracy": last[METRIC], "loss": last["val_real_loss"], "n": len(data.real_val)}},
-            "test": test,
-            "final": final,  # what the last report carried; replayed if the trial is restarted
-            "resumed_from_epochs": progress["resumed_from_epochs"],
-            "device": device.type,
-            "wall_seconds": round(time.perf_counter() - start, 3),  # this attempt only
-            "finished_at": time.time(),
-            "attempt": uuid.uuid4().hex,  # tells a kept record from a rewritten one
-            "code_version": code_version(),
-        }
-        storage.write_json(key, record)
+        record = TrialRecord(
+            experiment=context.experiment, ratio=ratio, seed=seed, mode=context.mode, trial_hash=this_hash,
+            classes=list(context.classes), val=scores["val"], test={d: scores[d] for d in TEST_DOMAINS}, final=final,
+            history=run.progress.history, architecture=run.net.signature, train_images=len(train), real_images=n_real,
+            synthetic_images=n_synthetic, train_ids_sha256=train.ids_digest(), steps=hp["steps"], batch_size=hp["batch_size"], epochs=run.budget.epochs,
+            resumed_from_epochs=run.progress.resumed_from_epochs, device=device.type,
+            wall_seconds=round(time.perf_counter() - start, 3), train_seconds=round(run.train_seconds, 3),
+            finished_at=time.time(), attempt=uuid.uuid4().hex, code_version=code_version(),
+        )  # fmt: skip
+        storage.write_json(key, record.to_json())
         return final
 
-    # 4. Epochs until the step budget is spent; the last one also measures the test splits.
+    # 3. Epochs until the step budget is spent; the last one also carries the final scores
+    #    (ASHA stops a trial at its last step, so they must ride on that report).
     reported_final = False
-    for epoch in range(progress["epoch"] + 1, plan["epochs"] + 1):
-        torch.manual_seed((seed * 1_000_003 + epoch) * 1_009)  # order and augmentation, as rank 0 of the train stage
-        steps = min(plan["steps_per_epoch"], hp["steps"] - progress["step"])
-        tick = time.perf_counter()
-        loss_sum = train_epoch(
-            model, optimizer, scheduler, x_train, y_train, plan["per_rank_batch"], steps, hp["translate"], hp["label_smoothing"]
-        )
-        train_loss = float(loss_sum) / steps  # waits for the device once per epoch
-        seconds = time.perf_counter() - tick
-        val = _score(evaluate(model, x_val, y_val, hp["eval_batch_size"], hp["tta_level"]))
-        progress["epoch"], progress["step"] = epoch, progress["step"] + steps
-        metrics = {
-            "epoch": epoch,
-            "step": progress["step"],
-            "train_loss": train_loss,
-            METRIC: val["accuracy"],
-            "val_real_loss": val["loss"],
-            "seconds": round(seconds, 4),
-        }
-        progress["history"] = [*progress["history"], metrics]
-        # ASHA stops a trial at its last step, so the final numbers ride on the last epoch's report.
-        if progress["step"] >= hp["steps"]:
+    for metrics in run.fit():
+        if run.done:
             metrics, reported_final = finish(), True
         with tempfile.TemporaryDirectory() as folder:
-            save_state(os.path.join(folder, STATE_FILE), model, optimizer, scheduler, progress)
+            run.save(os.path.join(folder, STATE_FILE))
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))  # [ray]
     if not reported_final:
         # Restored from the last epoch's checkpoint (written only after the record, so this is
-        # rare: the record was lost): measure and record again from the restored model.
+        # rare: the record was lost): score and record again from the restored model.
         ray.tune.report(finish())  # [ray]
 
 
@@ -348,19 +236,11 @@ def train_trial(config: dict, data: SweepData, context: TrialContext) -> None:
 
 
 def sweep_hash(cfg: Config) -> str:
-    """What decides a sweep's results: recipe, classes, dataset config, the grid and the scheduler."""
-    recipe = {k: v for k, v in to_dict(cfg.train).items() if k not in NOT_RECIPE}
-    tune = {k: v for k, v in to_dict(cfg.tune).items() if k in TUNE_RECIPE and (cfg.tune.asha or not k.startswith("asha_"))}
-    tune["ratios"], tune["seeds"] = sorted(tune["ratios"]), sorted(tune["seeds"])  # the grid, not its order
-    blob = {
-        "run": cfg.run,
-        "train": recipe,
-        "tune": tune,
-        "classes": list(cfg.prompts.classes),
-        "dataset": to_dict(cfg.dataset),
-        "architecture": architecture(len(cfg.prompts.classes), cfg.train.width),
-    }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+    """What decides a sweep's results (:func:`synth.recipe.result_hash`): the recipe, data and the grid and scheduler."""
+    u = cfg.tune
+    sweep = {k: v for k, v in to_dict(u).items() if k in TUNE_RECIPE and (u.asha or not k.startswith("asha_"))}
+    sweep["ratios"], sweep["seeds"] = sorted(sweep["ratios"]), sorted(sweep["seeds"])  # the grid, not its order
+    return result_hash(cfg, kind="tune", tune=sweep)
 
 
 def experiment_name(cfg: Config) -> str:
@@ -386,7 +266,7 @@ def sweep_plan(n_real: int, n_synthetic: int, cfg: Config) -> list[dict]:
     for r in sorted(u.ratios):
         n_r, n_s = composition(n_real, n_synthetic, r, u.mode)
         try:
-            epochs = budget(n_r + n_s, t.batch_size, t.steps, world_size=1)["epochs"]
+            epochs = budget(n_r + n_s, t.batch_size, t.steps).epochs
         except ValueError as exc:
             raise ValueError(f"tune.ratios: the trial at r={r:g} trains on {n_r + n_s:,} images: {exc}") from exc
         plan.append({"ratio": r, "real_images": n_r, "synthetic_images": n_s, "train_images": n_r + n_s, "epochs": epochs})
@@ -429,7 +309,7 @@ def _trial_name(trial) -> str:
     return trial_tag(float(trial.config["ratio"]), int(trial.config["seed"]))
 
 
-def make_tuner(cfg: Config, storage: Storage, trainable, concurrency: int):
+def make_tuner(cfg: Config, storage: Storage, trainable, concurrency: int, callbacks: Optional[list] = None):
     """The sweep's ``Tuner``: restored when its experiment folder exists, else new; returns (tuner, restored)."""
     from ray import tune
 
@@ -437,12 +317,13 @@ def make_tuner(cfg: Config, storage: Storage, trainable, concurrency: int):
     # frequent, which is what we want for resumption; only their warning is switched off.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     experiment = experiment_name(cfg)
-    storage_path, filesystem = _ray_storage(storage, Layout(cfg.run).tune_ray_results)
+    storage_path, filesystem = storage.ray_storage(Layout(cfg.run).tune_ray_results)
     path = f"{storage_path.rstrip('/')}/{experiment}"  # a local path, s3://..., or bucket/... with a filesystem
     # A killed driver left the experiment's state behind: continue it. Finished trials keep
     # their results; unfinished ones restart from their last checkpoint; errored ones retry.
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         log.info("tune: restoring %s", path)
+        # A restored Tuner keeps its stored RunConfig; progress callbacks are not part of it.
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem), True
     tuner = tune.Tuner(
         trainable,
@@ -465,6 +346,8 @@ def make_tuner(cfg: Config, storage: Storage, trainable, concurrency: int):
             # the experiment whenever a trial has made num_to_keep checkpoints since the last
             # snapshot, so a restore never points at a deleted checkpoint.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+            verbose=2 if verbose() else 0,  # synth's own progress lines (sweep_progress) instead of Tune's table
         ),
     )
     return tuner, False
@@ -474,47 +357,31 @@ def make_tuner(cfg: Config, storage: Storage, trainable, concurrency: int):
 # 3. Results: one row per (ratio, seed), the table by ratio, the best ratio
 # ============================================================================================
 
-ROW_FIELDS = (
-    "ratio", "seed", "status", "trial_id", "train_images", "real_images", "synthetic_images", "step", "epochs",
-    "val_real_accuracy", "test_real_accuracy", "test_synthetic_accuracy", "test_mixture_accuracy",
-    "resumed_from_epochs", "wall_seconds", "finished_at", "attempt", "error",
-)  # fmt: skip
-
-
-def _row(ratio: float, seed: int, record: Optional[dict], result, plan: dict) -> dict:
+def _row(ratio: float, seed: int, record: Optional[TrialRecord], result, plan: dict) -> dict:
     """A row of results.parquet from a trial's record (finished) or its Tune result (stopped, errored)."""
-    row: dict[str, Any] = dict.fromkeys(ROW_FIELDS)
-    row.update(ratio=ratio, seed=seed, resumed_from_epochs=[], **{k: plan[k] for k in ("train_images", "real_images",
-               "synthetic_images", "epochs")})  # fmt: skip
+    counts = {k: plan[k] for k in ("train_images", "real_images", "synthetic_images", "epochs")}
     metrics = (result.metrics or {}) if result is not None else {}
-    row["trial_id"] = metrics.get("trial_id")
+    trial_id = metrics.get("trial_id")
     if record is not None:
-        row.update(
-            status="completed",
-            step=record["history"][-1]["step"],
-            val_real_accuracy=record["val"]["real"]["accuracy"],
-            **{f"test_{d}_accuracy": record["test"][d]["accuracy"] for d in TEST_DOMAINS},
-            resumed_from_epochs=list(record["resumed_from_epochs"]),
-            wall_seconds=record["wall_seconds"],
-            finished_at=record["finished_at"],
-            attempt=record["attempt"],
-        )
-        return row
-    row["step"] = metrics.get("step")
-    row["val_real_accuracy"] = metrics.get(METRIC)  # at the step it stopped: not comparable, left out of the table
+        return TuneRow(
+            ratio=ratio, seed=seed, status="completed", trial_id=trial_id, step=record.history[-1]["step"],
+            val_real_accuracy=record.val["accuracy"], **{f"test_{d}_accuracy": record.test[d]["accuracy"] for d in TEST_DOMAINS},
+            resumed_from_epochs=list(record.resumed_from_epochs), wall_seconds=record.wall_seconds,
+            finished_at=record.finished_at, attempt=record.attempt, **counts,
+        ).to_json()  # fmt: skip
     if result is not None and result.error is not None:
-        row.update(status="error", error=str(result.error).strip().splitlines()[-1][:500])
-    elif metrics:
-        row["status"] = "stopped_early"  # ASHA stopped it below the budget
+        status, error = "error", str(result.error).strip().splitlines()[-1][:500]
     else:
-        row["status"] = "missing"
-    return row
+        status, error = ("stopped_early" if metrics else "missing"), None  # stopped_early: ASHA stopped it below the budget
+    # The accuracy at the step it stopped is kept for inspection but is not comparable: left out of the table.
+    return TuneRow(
+        ratio=ratio, seed=seed, status=status, trial_id=trial_id, step=metrics.get("step"),
+        val_real_accuracy=metrics.get(METRIC), error=error, **counts,
+    ).to_json()  # fmt: skip
 
 
 def ratio_table(rows: list[dict]) -> list[dict]:
     """Per ratio, over its completed seeds: mean and sample std (ddof=1; 0 for one seed) of each accuracy."""
-    from synth.report import mean_std
-
     by_ratio: dict[float, list[dict]] = defaultdict(list)
     for row in rows:
         by_ratio[row["ratio"]].append(row)
@@ -588,11 +455,39 @@ def _write_results(storage: Storage, cfg: Config, rows: list[dict], document: di
     import pyarrow as pa
 
     layout = Layout(cfg.run)
-    columns = {name: [r[name] for r in rows] for name in ROW_FIELDS}
+    columns = {name: [r[name] for r in rows] for name in TuneRow.field_names()}
     types = {"resumed_from_epochs": pa.list_(pa.int64()), "ratio": pa.float64(), "seed": pa.int64()}
     table = pa.table({name: pa.array(values, type=types.get(name)) for name, values in columns.items()})
     storage.write_parquet(f"{layout.tune_results}.parquet", table)
     storage.write_json(f"{layout.tune_results}.json", document)
+
+
+def sweep_progress(total: int, already: int):
+    """A Tune callback for the driver: a progress line per epoch report, one per finished trial with the best so far."""
+    from ray.tune import Callback
+
+    # Defined here, so importing synth.tune does not import Ray Tune.
+    class _SweepProgress(Callback):
+        def __init__(self, total: int, already: int):
+            self.total, self.done, self.best = total, already, None
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if not result.get("completed"):
+                say(STAGE, f"{trial_tag(float(trial.config['ratio']), int(trial.config['seed']))}: step "
+                    f"{result.get('step')}, real val {100 * result.get(METRIC, 0):.1f}% "
+                    f"({self.done}/{self.total} trials done)", progress=True)  # fmt: skip
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            last = trial.last_result or {}
+            if last.get("completed"):
+                value = last.get("val_real_accuracy", 0.0)
+                if self.best is None or value > self.best[0]:
+                    self.best = (value, float(trial.config["ratio"]))
+            best = f", best so far r = {self.best[1]:g} ({100 * self.best[0]:.1f}% real val)" if self.best else ""
+            say(STAGE, f"{self.done}/{self.total} trials done{best}", progress=True)
+
+    return _SweepProgress(total, already)
 
 
 # ============================================================================================
@@ -620,7 +515,6 @@ def run_tune(cfg: Config, storage: Optional[Storage] = None) -> dict:
     trial starts. A trial that still fails after ``tune.max_failures`` retries is recorded in the
     results and then raised as ``RuntimeError``; rerunning the command retries it.
     """
-    from synth.report import plot_tune_curve
     from synth.runtime import code_version, init_ray, write_stage_config, write_stage_summary
 
     start = time.perf_counter()
@@ -663,11 +557,9 @@ def run_tune(cfg: Config, storage: Optional[Storage] = None) -> dict:
             classes=tuple(cfg.prompts.classes), storage=storage, threads=max(1, int(u.cpus_per_trial)),
         )  # fmt: skip
         trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, context=context), resources)
-        tuner, restored = make_tuner(cfg, storage, trainable, concurrency)
-        log.info(
-            "tune: %s: %d trials (%d already finished), %d at once, %s per trial, %s",
-            experiment, cells, already, concurrency, resources, "restored" if restored else "new",
-        )  # fmt: skip
+        tuner, restored = make_tuner(cfg, storage, trainable, concurrency, [sweep_progress(cells, already)])
+        say(STAGE, f"{cells} trials ({len(u.ratios)} ratios x {len(u.seeds)} seeds, {u.mode}), {already} already finished, "
+            f"{concurrency} at once{', restored' if restored else ''}")  # fmt: skip
         grid = tuner.fit()
 
         # 5. Gather: one row per (ratio, seed), the table by ratio, the best ratio.
@@ -683,7 +575,7 @@ def run_tune(cfg: Config, storage: Optional[Storage] = None) -> dict:
             "seeds": list(u.seeds),
             "steps": cfg.train.steps,
             "batch_size": cfg.train.batch_size,
-            "metric": METRIC,
+            "metric": "val_real_accuracy",  # what chooses the best ratio: the final model, full TTA
             "plan": plan,
             "rows": rows,
             "table": table,
@@ -692,7 +584,6 @@ def run_tune(cfg: Config, storage: Optional[Storage] = None) -> dict:
             "code_version": code_version(),
         }
         _write_results(storage, cfg, rows, document)
-        storage.write_bytes(layout.tune_plot, plot_tune_curve(document))
         status = "restored" if restored else "new"
 
     # 6. Summary; a trial that failed for good fails the stage after its row is stored.
@@ -714,7 +605,6 @@ def run_tune(cfg: Config, storage: Optional[Storage] = None) -> dict:
         "best_sentence": document["best_sentence"],
         "table": document["table"],
         "results": storage.uri(f"{layout.tune_results}.parquet"),
-        "plot": storage.uri(layout.tune_plot),
         "data": data_counts,
         "partial_writes_removed": removed,
         "wall_seconds": round(time.perf_counter() - start, 3),
@@ -728,5 +618,5 @@ def run_tune(cfg: Config, storage: Optional[Storage] = None) -> dict:
             f"{trial_tag(first['ratio'], first['seed'])}: {first['error'] or 'no result'}. Fix: see error.txt in its "
             f"folder under {document['experiment_path']}; rerun the same command to retry the failed trials"
         )
-    log.info("tune: %s", document["best_sentence"])
+    say(STAGE, document["best_sentence"])
     return summary

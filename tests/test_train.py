@@ -9,7 +9,6 @@ shards or evaluation went wrong.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import signal
@@ -19,27 +18,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
-from PIL import Image
 
 from synth.config import load_config
 from synth.model import ArchitectureMismatchError, architecture, build_model, load_model, predict_logits
+from synth.recipe import STATE_FILE, Budget, budget, classification_metrics, flip_and_crop, lr_factor, restore_state
+from synth.splits import Split, mix, read_split
 from synth.storage import Layout, Storage
-from synth.testkit import class_pattern_image
-from synth.train import (
-    STATE_FILE,
-    Split,
-    budget,
-    flip_and_crop,
-    lr_factor,
-    mixture,
-    read_split,
-    restore_state,
-    run_train,
-    train_experiment,
-)
+from synth.testkit import write_class_aware_dataset
+from synth.train import run_train, train_experiment
 
 PER_CLASS = {"train": 32, "val": 8, "test": 16}
 # Width 1/8 (33k parameters), 3 steps per epoch, 8 epochs: seconds on a CPU, >90% accuracy.
@@ -47,29 +35,9 @@ TINY = ["train.width=0.125", "train.batch_size=64", "train.steps=24", "train.eva
 CHANCE = 1 / 6
 
 
-def _png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_dataset(storage: Storage, run: str, classes: list[str]) -> None:
-    """Real and synthetic train/val/test tables in the dataset stage's Parquet format."""
-    for d, domain in enumerate(("real", "synthetic")):
-        for s, (split, n) in enumerate(PER_CLASS.items()):
-            rows = [(label, i) for label in range(len(classes)) for i in range(n)]
-            seeds = [100_000 * d + 10_000 * s + 100 * label + i for label, i in rows]
-            table = pa.table(
-                {
-                    "id": [f"{domain}-{split}-{classes[label]}-{i}" for label, i in rows],
-                    "label": pa.array([label for label, _ in rows], pa.int32()),
-                    "class_name": [classes[label] for label, _ in rows],
-                    "image": pa.array([_png(class_pattern_image(y, seed)) for (y, _), seed in zip(rows, seeds)], pa.binary()),
-                    "domain": [domain] * len(rows),
-                    "source": ["test"] * len(rows),
-                }
-            )
-            storage.write_parquet(Layout(run).dataset_split(domain, split), table)
+    """Real and synthetic train/val/test tables in the dataset stage's own format (test kit writer)."""
+    write_class_aware_dataset(storage, run, classes, PER_CLASS)
 
 
 def make_config(root: Path, run: str, *overrides: str):
@@ -106,7 +74,7 @@ def test_schedule_and_budget():
     assert lr_factor(25, 100, 0.25) == pytest.approx(1.0)
     assert lr_factor(100, 100, 0.25) == pytest.approx(0.07)
     plan = budget(train_images=1000, batch_size=100, steps=25, world_size=2)
-    assert plan == {"per_rank_batch": 50, "steps_per_epoch": 10, "epochs": 3}
+    assert plan == Budget(per_rank_batch=50, steps_per_epoch=10, epochs=3)
     with pytest.raises(ValueError, match="Fix: lower train.batch_size"):
         budget(train_images=50, batch_size=64, steps=10, world_size=1)
 
@@ -124,20 +92,34 @@ def test_flip_and_crop_moves_pixels_but_keeps_them():
     assert not all(torch.equal(o, x[i % 2]) or torch.equal(o, x[i % 2].flip(-1)) for i, o in enumerate(out))
 
 
-def test_mixture_has_fixed_size_and_the_asked_fraction():
-    real = Split(np.zeros((100, 4, 4, 3), np.uint8), np.zeros(100, np.int64))
-    synthetic = Split(np.ones((80, 4, 4, 3), np.uint8), np.ones(80, np.int64))
-    for fraction in (0.0, 0.25, 1.0):
-        mix = mixture(real, synthetic, fraction)
-        assert len(mix) == 80 and mix.labels.sum() == round(80 * fraction)
-        assert np.array_equal(mix.images[:, 0, 0, 0], mix.labels)  # images kept their labels
+def _split(value: int, n: int) -> Split:
+    return Split(np.full((n, 4, 4, 3), value, np.uint8), np.full(n, value, np.int64), np.array([f"{value}-{i}" for i in range(n)]))
+
+
+def test_mix_has_fixed_size_the_asked_fraction_and_nested_draws():
+    real, synthetic = _split(0, 100), _split(1, 80)
+    mixes = {f: mix(real, synthetic, f, seed=3) for f in (0.0, 0.25, 0.5, 1.0)}
+    for f, m in mixes.items():
+        assert len(m) == 80 and m.labels.sum() == round(80 * f)
+        assert np.array_equal(m.images[:, 0, 0, 0], m.labels)  # images kept their labels
+        assert all(i.startswith(f"{y}-") for i, y in zip(m.ids, m.labels))  # and their ids
+    assert set(mixes[0.25].ids[mixes[0.25].labels == 1]) <= set(mixes[0.5].ids)  # nested for one seed
+    again, other = mix(real, synthetic, 0.25, seed=3), mix(real, synthetic, 0.25, seed=4)
+    assert np.array_equal(again.ids, mixes[0.25].ids) and not np.array_equal(other.ids, again.ids)  # the seed draws
+
+
+def test_classification_metrics_by_hand():
+    m = classification_metrics(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), ["a", "b", "c"])
+    assert m["accuracy"] == 0.5 and m["n"] == 4 and m["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]
+    assert m["per_class"]["b"] == {"precision": pytest.approx(1 / 3), "recall": 1.0, "f1": pytest.approx(0.5), "support": 1}
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
 
 
 def test_read_split_refuses_a_dataset_built_for_other_classes(tmp_path):
     storage = Storage(str(tmp_path))
     write_dataset(storage, "r", ["bird", "cat"])
     split = read_split(storage, "r", "real", "val", ["bird", "cat"])
-    assert split.images.shape == (16, 32, 32, 3) and split.images.dtype == np.uint8
+    assert split.images.shape == (16, 32, 32, 3) and split.images.dtype == np.uint8 and len(set(split.ids)) == 16
     with pytest.raises(ValueError, match="do not match prompts.classes"):
         read_split(storage, "r", "real", "val", ["cat", "bird"])
 

@@ -14,7 +14,6 @@ One local Ray instance (conftest) serves the module; the killed driver joins it,
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import signal
@@ -24,20 +23,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from conftest import REPO
 from ray_jobs._cli import main as cli_main
 from synth.config import ConfigError, TuneConfig, load_config
 from synth.storage import Layout, Storage
-from synth.testkit import class_pattern_image, write_cifar10_fixture
-from synth.train import Split
+from synth.splits import Split, composition
+from synth.testkit import class_pattern_image, write_cifar10_fixture, write_dataset_split
 from synth.tune import (
     best_ratio,
-    composition,
     experiment_name,
     make_scheduler,
     max_concurrent_trials,
@@ -50,37 +46,19 @@ from synth.tune import (
 CLASSES = ["bird", "cat", "deer", "dog", "frog", "horse"]
 CHANCE = 1 / len(CLASSES)
 # The fixture gives 40 train images per class, of which dataset.val_fraction=0.2 go to val:
-# 192 real train, 48 real val, 60 real test. Synthetic: 32 train and 10 test per class.
-SYNTHETIC_PER_CLASS = {"train": 32, "test": 10}
+# 192 real train, 48 real val, 60 real test. Synthetic: 32 train, 8 val and 10 test per class
+# (the val split only for the train stage's mixture cell; tune validates on real images).
+SYNTHETIC_PER_CLASS = {"train": 32, "val": 8, "test": 10}
 # Width 1/8, 3 steps per epoch, 8 epochs: a few seconds per trial on a CPU, ~100% when learnable.
 TINY = ["train.width=0.125", "train.batch_size=64", "train.steps=24", "train.eval_batch_size=256", "dataset.val_fraction=0.2"]
 
 
-def _png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_wrong_class_synthetic(storage: Storage, run: str) -> None:
-    """Synthetic train/test tables whose image under label y shows class (y + 1)'s pattern."""
-    for split, n in SYNTHETIC_PER_CLASS.items():
+    """Synthetic train/val/test tables whose image under label y shows class (y + 1)'s pattern."""
+    for s, (split, n) in enumerate(SYNTHETIC_PER_CLASS.items()):
         rows = [(label, i) for label in range(len(CLASSES)) for i in range(n)]
-        seeds = [7_000_000 + (500_000 if split == "test" else 0) + 1_000 * label + i for label, i in rows]
-        table = pa.table(
-            {
-                "id": [f"synthetic-{split}-{CLASSES[label]}-{i}" for label, i in rows],
-                "label": pa.array([label for label, _ in rows], pa.int32()),
-                "class_name": [CLASSES[label] for label, _ in rows],
-                "image": pa.array(
-                    [_png(class_pattern_image((label + 1) % len(CLASSES), seed)) for (label, _), seed in zip(rows, seeds)],
-                    pa.binary(),
-                ),
-                "domain": ["synthetic"] * len(rows),
-                "source": ["test"] * len(rows),
-            }
-        )
-        storage.write_parquet(Layout(run).dataset_split("synthetic", split), table)
+        images = np.stack([class_pattern_image((y + 1) % len(CLASSES), 7_000_000 + 500_000 * s + 1_000 * y + i) for y, i in rows])
+        write_dataset_split(storage, run, "synthetic", split, images, [y for y, _ in rows], CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +108,8 @@ def test_composition_and_training_set():
     with pytest.raises(ValueError, match=r"adds 100 synthetic images.*lower the largest of tune.ratios to 0.80"):
         composition(100, 80, 1.0, "augment")
 
-    real = Split(np.zeros((100, 4, 4, 3), np.uint8), np.arange(100) % 6)
-    synthetic = Split(np.ones((80, 4, 4, 3), np.uint8), np.arange(80) % 6)
+    real = Split(np.zeros((100, 4, 4, 3), np.uint8), np.arange(100) % 6, np.array([f"r{i}" for i in range(100)]))
+    synthetic = Split(np.ones((80, 4, 4, 3), np.uint8), np.arange(80) % 6, np.array([f"s{i}" for i in range(80)]))
     sets = {r: training_set(real, synthetic, r, "fixed_budget", seed=3) for r in (0.25, 0.5)}
     for r, s in sets.items():
         assert len(s) == 80 and int(s.images[:, 0, 0, 0].sum()) == round(r * 80)  # fixed size, r synthetic
@@ -158,10 +136,7 @@ def test_plan_resources_scheduler_and_table():
     assert max_concurrent_trials(u, {"cpu": 8.0, "gpu": 0.0}, {"CPU": 4}, trials=3) == 1
     assert max_concurrent_trials(TuneConfig(max_concurrent_trials=2), {"cpu": 1.0, "gpu": 0.0}, {"CPU": 64}, 33) == 2
 
-    assert make_scheduler(cfg) is None
-    asha = make_scheduler(load_config(None, ["train.steps=40", "tune.asha=true"]))
-    assert (asha._time_attr, asha._max_t) == ("step", 40)  # rungs in optimizer steps: epochs vary in augment mode
-    assert sorted(milestone for milestone, _ in asha._brackets[0]._rungs) == [10, 30]  # grace: a quarter of the steps
+    assert make_scheduler(cfg) is None  # FIFO: every trial runs its whole budget (ASHA's rungs: test_asha_stops...)
 
     def row(ratio, seed, status, val=None):
         return {"ratio": ratio, "seed": seed, "status": status, "val_real_accuracy": val, "test_real_accuracy": val,
@@ -189,9 +164,9 @@ def test_gather_holds_each_cell_once_and_keeps_failures(tmp_path):
     def result(ratio, error=None, **metrics):
         return SimpleNamespace(config={"ratio": ratio, "seed": 0}, metrics={"trial_id": f"t{ratio}", **metrics}, error=error)
 
-    rows = gather(cfg, storage, [result(0.0, step=3, val_real_accuracy=0.5), result(1.0, RuntimeError("boom\nOOM"))], plan)
+    rows = gather(cfg, storage, [result(0.0, step=3, val_accuracy=0.5), result(1.0, RuntimeError("boom\nOOM"))], plan)
     assert [(r["ratio"], r["status"], r["trial_id"]) for r in rows] == [(0.0, "stopped_early", "t0.0"), (1.0, "error", "t1.0")]
-    assert rows[1]["error"] == "OOM" and rows[0]["test_real_accuracy"] is None
+    assert rows[1]["error"] == "OOM" and rows[0]["test_real_accuracy"] is None and rows[0]["val_real_accuracy"] == 0.5
     with pytest.raises(RuntimeError, match=r"missing \[\(1.0, 0\)\], repeated \[\(0.0, 0\)\].*Fix: delete"):
         gather(cfg, storage, [result(0.0), result(0.0)], plan)
 
@@ -251,7 +226,7 @@ def test_curve_has_the_shape_the_data_dictates(sweep):
     assert summary["best"]["ratio"] == 0.0  # chosen on real validation accuracy (ties: the smaller ratio)
 
 
-def test_results_table_plot_and_records(sweep):
+def test_results_table_and_records(sweep):
     cfg, storage, summary = sweep
     layout = Layout(cfg.run)
     rows = pq.read_table(storage.uri(f"{layout.tune_results}.parquet")).to_pylist()
@@ -264,9 +239,25 @@ def test_results_table_plot_and_records(sweep):
     record = storage.read_json(layout.tune_trial(experiment_name(cfg), 0.25, 0))
     assert [h["epoch"] for h in record["history"]] == list(range(1, 9)) and record["synthetic_images"] == 48
     assert set(record["test"]) == {"real", "synthetic", "mixture"} and record["test"]["real"]["n"] == 60
-    assert record["val"]["real"]["n"] == 48  # the objective is the real validation split
-    assert storage.read_bytes(layout.tune_plot)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert record["val"]["n"] == 48  # the objective is the real validation split
     assert storage.exists(layout.config_file("tune")) and storage.read_json(layout.summary("tune"))["trials_total"] == 4
+
+
+def test_trial_at_r_is_the_train_stages_mixture_cell_at_r(sweep):
+    """One training core and one mixing rule: tune at r = f, seed s == the train stage's mixture at f, seed s."""
+    from synth.train import run_train
+
+    cfg, storage, _ = sweep
+    train_cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, experiments=["mixture"], mixture_synthetic_fraction=0.25, seeds=[0])
+    )
+    run_train(train_cfg, storage)
+    cell = storage.read_json(Layout(cfg.run).train_metrics("train-mixture", 0))
+    trial = storage.read_json(Layout(cfg.run).tune_trial(experiment_name(cfg), 0.25, 0))
+    assert cell["train_ids_sha256"] == trial["train_ids_sha256"] and cell["train_images"] == trial["train_images"] == 192
+    assert [h["train_loss"] for h in cell["history"]] == [h["train_loss"] for h in trial["history"]]  # step for step
+    for domain in ("real", "synthetic", "mixture"):
+        assert cell["test"][domain] == trial["test"][domain]  # accuracy, per class, confusion: identical
 
 
 def test_rerun_of_a_finished_sweep_trains_nothing(sweep):
@@ -306,7 +297,8 @@ def test_asha_stops_trials_below_the_rung(root, real_fixture, ray_local):
     summary = run_tune(cfg, storage)
     rows = {r["ratio"]: r for r in storage.read_json(f"{Layout(cfg.run).tune_results}.json")["rows"]}
     assert rows[0.0]["status"] == "completed" and rows[0.0]["step"] == 24
-    assert rows[1.0]["status"] == "stopped_early" and rows[1.0]["step"] < 24 and rows[1.0]["test_real_accuracy"] is None
+    # Rungs in optimizer steps (epochs vary with r in augment mode): grace 3, then x2.
+    assert rows[1.0]["status"] == "stopped_early" and rows[1.0]["step"] in (3, 6, 12) and rows[1.0]["test_real_accuracy"] is None
     assert summary["trials_stopped_early"] == 1 and summary["best"]["ratio"] == 0.0
     assert [e["n"] for e in summary["table"]] == [1, 0]
 
@@ -337,11 +329,13 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(root, real_fixture
     """SIGKILL the driver while its second trial trains; a rerun restores the sweep and finishes it.
 
     One trial at a time, in grid order: r=0 finishes, r=0.5 is killed after a few epochs (it
-    must continue from its checkpoint), r=1 has not started.
+    must continue from its checkpoint), r=1 has not started. A kill that lands elsewhere fails
+    the test rather than passing it untested.
     """
     import ray
 
-    overrides = ["tune.ratios=[0,0.5,1]", "tune.seeds=[0]", "tune.max_concurrent_trials=1", "train.steps=60"]
+    # 50 epochs a trial: after the second trial's third report, the kill lands with ~47 epochs to spare.
+    overrides = ["tune.ratios=[0,0.5,1]", "tune.seeds=[0]", "tune.max_concurrent_trials=1", "train.steps=150"]
     cfg, storage = prepare(root, real_fixture, "resume", *overrides)
     layout, experiment = Layout(cfg.run), experiment_name(cfg)
     argv = [f"run={cfg.run}", f"storage.root={root}", f"dataset.real_path={real_fixture}", "dataset.domains=[real]",
@@ -366,7 +360,8 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(root, real_fixture
         driver.wait()
     time.sleep(2)  # Ray ends the dead driver's trial actor; let a straggling write land first
     finished = {p.name: json.loads(p.read_text()) for p in records.glob("*.json")}
-    assert "ratio-0-seed-0.json" in finished and "ratio-1-seed-0.json" not in finished
+    # The kill must land while the second trial trains, or this test proves nothing: fail if it did not.
+    assert set(finished) == {"ratio-0-seed-0.json"}, sorted(finished)
     assert not storage.exists(f"{layout.tune_results}.json")
 
     summary = run_tune(cfg, storage)
@@ -377,10 +372,10 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(root, real_fixture
     assert len({r["trial_id"] for r in rows}) == 3 and all(r["status"] == "completed" for r in rows)
     for name, record in finished.items():  # not retrained: the same record, down to its attempt id
         assert json.loads((records / name).read_text()) == record
-    if "ratio-0.5-seed-0.json" not in finished:  # killed mid-way: continued from a checkpoint, not from scratch
-        record = json.loads((records / "ratio-0.5-seed-0.json").read_text())
-        assert len(record["resumed_from_epochs"]) == 1 and 1 <= record["resumed_from_epochs"][0] < 20, record
-        assert [h["epoch"] for h in record["history"]] == list(range(1, 21)) and record["history"][-1]["step"] == 60
+    # Killed mid-way: continued from a checkpoint, not from scratch.
+    record = json.loads((records / "ratio-0.5-seed-0.json").read_text())
+    assert len(record["resumed_from_epochs"]) == 1 and 1 <= record["resumed_from_epochs"][0] < 50, record
+    assert [h["epoch"] for h in record["history"]] == list(range(1, 51)) and record["history"][-1]["step"] == 150
     # Tune's own view agrees: one trial folder per (ratio, seed) in the one experiment folder.
     assert sorted(p.name for p in experiment_dir.iterdir() if p.is_dir()) == [
         "ratio-0-seed-0", "ratio-0.5-seed-0", "ratio-1-seed-0"
