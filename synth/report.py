@@ -49,6 +49,7 @@ from matplotlib.figure import Figure
 
 from synth.config import Config, class_slug
 from synth.runtime import code_version, write_stage_config, write_stage_summary
+from synth.stats import mean_std, seed_stat  # noqa: F401 -- mean_std re-exported for synth.tune
 from synth.storage import Layout, Storage
 
 log = logging.getLogger(__name__)
@@ -79,14 +80,6 @@ class ReportInputError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Aggregation (pure)
 # --------------------------------------------------------------------------------------------
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1); the std of a single value is 0."""
-    if not values:
-        raise ValueError("mean_std needs at least one value")
-    values = [float(v) for v in values]
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def ordered_domains(names: Sequence[str]) -> list[str]:
@@ -131,11 +124,6 @@ def validate_metrics(m: Any) -> None:
 
 def _is_fraction(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0.0 <= x <= 1.0
-
-
-def _stat(values: Sequence[float], seeds: Sequence[int]) -> dict:
-    mean, std = mean_std(values)
-    return {"mean": mean, "std": std, "n": len(values), "values": list(values), "seeds": list(seeds)}
 
 
 def _experiment_per_domain(metrics_list: Sequence[dict]) -> dict[str, str]:
@@ -209,13 +197,13 @@ def aggregate(metrics_list: Sequence[dict]) -> dict:
         runs = by_train[train]
         vals = [(m["val"]["accuracy"], m["seed"]) for m in runs if _is_fraction((m.get("val") or {}).get("accuracy"))]
         if vals:
-            val_accuracy[train] = _stat([v for v, _ in vals], [s for _, s in vals])
+            val_accuracy[train] = seed_stat([v for v, _ in vals], [s for _, s in vals])
         matrix[train], confusion[train], per_class[train] = {}, {}, {}
         for test in test_domains:
             results = [(m["seed"], m["test"][test]) for m in runs if test in m["test"]]
             if not results:
                 continue
-            matrix[train][test] = _stat([r["accuracy"] for _, r in results], [s for s, _ in results])
+            matrix[train][test] = seed_stat([r["accuracy"] for _, r in results], [s for s, _ in results])
             cms = [np.asarray(r["confusion_matrix"], dtype=np.int64) for _, r in results if r.get("confusion_matrix") is not None]
             if cms:
                 confusion[train][test] = np.sum(cms, axis=0).tolist()
