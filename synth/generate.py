@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from synth.config import Config, ConfigError, GenerateConfig, class_slug
+from synth.images import encode_png
 from synth.storage import Layout, Storage
 
 log = logging.getLogger(__name__)
@@ -239,14 +240,6 @@ def _pack(arr: np.ndarray) -> bytes:
 
 def _unpack(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def encode_png(img: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", optimize=False, compress_level=6)
-    return buf.getvalue()
 
 
 def shard_table(rows: Sequence[dict], pixels: np.ndarray, shard: int, cfg: GenerateConfig) -> pa.Table:

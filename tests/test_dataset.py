@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import REPO, synth_imports
 from ray_jobs._cli import main as cli_main
 from synth.config import ConfigError, load_config
 from synth.dataset import SPLITS, load_split, load_split_table, run_dataset, synthetic_split_sizes, val_size
@@ -346,3 +347,8 @@ def test_generate_then_dataset_share_one_label_space(tmp_path, ray_local):
     storage = Storage(str(tmp_path / "out"))
     for domain in ("real", "synthetic"):
         check_split_tables(storage, domain)  # colours match labels in both: the same label space
+
+
+def test_dataset_imports_no_later_stage():
+    # Data flows generate -> dataset through storage; the code must not flow back through imports.
+    assert synth_imports(REPO / "synth" / "dataset.py") <= {"synth.config", "synth.images", "synth.storage", "synth.runtime"}
