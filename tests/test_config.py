@@ -39,6 +39,7 @@ def test_overrides_win_and_are_typed():
         (["prompts.adversarial_fraction=1.5"], "must be in [0, 1]"),
         (["generate.height=100"], "multiple of 8"),
         (["generate.generator=gan"], "choose a registered generator (diffusers) or give a class as package.module:ClassName"),
+        # The test generator's old registered name: the message shows its import path.
         (["generate.generator=class_aware_test"], "e.g. synth.testkit:ClassAwareTestGenerator"),
         (["generate.generator=notregistered"], "generate.generator='notregistered' is invalid"),
         (["generate.generator=synth.testkit:Gen:Extra"], "package.module:ClassName"),

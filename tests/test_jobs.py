@@ -48,7 +48,6 @@ def assert_nothing_finished(root: Path) -> None:
         (["generate.model=/no/such/folder"], "neither an existing folder nor a Hugging Face id"),
         (["generate.generator=nope.module:Thing"], "cannot be imported (No module named 'nope'). Fix: install"),
         (["generate.generator=notregistered"], "'notregistered' is invalid: choose a registered generator (diffusers)"),
-        (["generate.generator=class_aware_test"], "e.g. synth.testkit:ClassAwareTestGenerator"),
     ],
 )
 def test_bad_input_fails_fast_with_one_clear_line(tmp_path, args, needle):
