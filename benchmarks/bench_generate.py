@@ -52,7 +52,7 @@ def build_model(preset: str, folder: Path) -> dict:
         return {"generate.model": str(build_full_size_random_sd_pipeline(folder / "sd-turbo-random")),
                 "generate.height": 512, "generate.width": 512, "generate.dtype": "bfloat16"}  # fmt: skip
     if preset == "class-aware":
-        return {"generate.generator": "class_aware_test"}
+        return {"generate.generator": "synth.testkit:ClassAwareTestGenerator"}
     return {"generate.model": preset}  # a local folder or a cached Hub id
 
 

@@ -46,6 +46,7 @@ import numpy as np
 import pyarrow as pa
 
 from synth.config import Config, ConfigError, DatasetConfig, StorageConfig, class_slug
+from synth.images import decode_png, encode_png
 from synth.storage import Layout, Storage
 
 log = logging.getLogger(__name__)
@@ -518,8 +519,6 @@ def normalize_image(item: Item, size: int) -> Optional[bytes]:
     """PNG bytes of ``item`` as ``size`` x ``size`` RGB, or None if its bytes are not a readable image."""
     from PIL import Image, ImageOps
 
-    from synth.generate import encode_png
-
     if item.pixels is not None:
         img = Image.fromarray(item.pixels)
     else:
@@ -663,19 +662,18 @@ def load_split_table(storage: Storage, run: str, domain: str, split: str) -> pa.
 
 def decode_images(table: pa.Table) -> np.ndarray:
     """(N, S, S, 3) uint8 from a split table's PNG column."""
-    from PIL import Image
-
     meta = table.schema.metadata or {}
     blobs = table.column("image").to_pylist()
     if META_IMAGE_SIZE in meta:
         size = int(meta[META_IMAGE_SIZE])
     elif blobs:
-        size = Image.open(io.BytesIO(blobs[0])).size[0]
+        size = decode_png(blobs[0]).shape[0]
     else:
         size = 32
+    # Filled in place: one (N, S, S, 3) array, never a list of N arrays beside it.
     images = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
     for i, data in enumerate(blobs):
-        images[i] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        images[i] = decode_png(data)
     return images
 
 

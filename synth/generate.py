@@ -15,15 +15,16 @@ under fresh names, so this stage never relies on either for correctness:
 4. ``plan.json`` pins what the shards were made with; a rerun with a different plan is refused
    rather than mixing two datasets under one run name.
 
-A generator is any object with ``generate(prompts, negatives, seeds) -> GeneratedImages``:
-``DiffusersGenerator`` (a diffusers pipeline from ``from_pretrained``) or
-``ClassAwareTestGenerator`` (class-dependent patterns, for tests).
+``generate.generator`` picks the class that makes the images (see :class:`Generator`): a name
+registered in :data:`GENERATORS` (``"diffusers"``: a pipeline from ``from_pretrained``), or any
+class given as ``package.module:ClassName``, as the tests give ``synth.testkit:ClassAwareTestGenerator``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import io
 import json
 import logging
@@ -31,12 +32,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import ClassVar, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from synth.config import Config, ConfigError, GenerateConfig, class_slug
+from synth.images import encode_png
 from synth.storage import Layout, Storage
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,36 @@ class GeneratedImages:
 
 
 # --------------------------------------------------------------------------------------------
-# Generators
+# Generators: the protocol, the registry, the diffusers one
 # --------------------------------------------------------------------------------------------
+
+
+class Generator(Protocol):
+    """What ``generate.generator`` names: a class that turns prompts into images.
+
+    ``ShardGenerator`` constructs it once per Ray actor (load weights in ``__init__``) and calls
+    ``generate`` on at most ``generate.batch_size`` prompts at a time. The driver reads the two
+    class-level members before Ray starts, without constructing anything.
+    """
+
+    # Whether the generator loads ``generate.model``; only then is the model checked loadable
+    # (and a local folder made absolute) on the driver before Ray starts.
+    needs_model: ClassVar[bool]
+
+    @classmethod
+    def model_name(cls, cfg: GenerateConfig) -> str:
+        """The model the plan and the manifest's ``model`` column record for these images."""
+        ...
+
+    def __init__(self, cfg: GenerateConfig, classes: Sequence[str]) -> None: ...
+
+    def generate(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int]) -> GeneratedImages:
+        """One image per prompt, each a function of its own prompt, negative and seed only (not of
+        its batch), so a retried shard rewrites the same images."""
+        ...
+
+
+GENERATOR_MEMBERS = ("needs_model", "model_name", "generate")
 
 
 def resolve_model(model: str) -> str:
@@ -97,7 +127,13 @@ def resolve_model(model: str) -> str:
 class DiffusersGenerator:
     """A diffusers text-to-image pipeline, loaded once; the whole image path stays on the device."""
 
-    def __init__(self, cfg: GenerateConfig):
+    needs_model = True
+
+    @classmethod
+    def model_name(cls, cfg: GenerateConfig) -> str:
+        return cfg.model
+
+    def __init__(self, cfg: GenerateConfig, classes: Sequence[str]):
         import torch
         from diffusers import AutoPipelineForText2Image
 
@@ -152,39 +188,57 @@ def _to_uint8_hwc(x) -> np.ndarray:
     return (x * 255).round_().to(dtype=torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-class ClassAwareTestGenerator:
-    """Draws class-dependent patterns (see ``synth.testkit``), reading the class from the prompt.
+# One entry per kind of generator; the names must match synth.config.GENERATOR_NAMES, which
+# validates generate.generator without importing this module.
+GENERATORS: dict[str, type[Generator]] = {"diffusers": DiffusersGenerator}
 
-    For tests only: it proves labels and ids survive prompts -> generate -> dataset -> train,
-    because a prompt/label mix-up anywhere makes the trained classifier fail.
+
+def generator_class(spec: str) -> type[Generator]:
+    """The class ``generate.generator`` names: a key of :data:`GENERATORS` or ``package.module:ClassName``.
+
+    Imports the module of a path, so calling it on the driver before Ray starts turns a typo or a
+    missing package into a :class:`ConfigError` that names the fix instead of a failed actor.
     """
+    if spec in GENERATORS:
+        return GENERATORS[spec]
+    registered = ", ".join(GENERATORS)
+    module_name, sep, class_name = spec.partition(":")
+    if not sep:
+        raise ConfigError(
+            f"generate.generator={spec!r} is not a registered generator. "
+            f"Fix: choose one of {registered}, or give a class as package.module:ClassName"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"generate.generator={spec!r} cannot be imported ({exc}). Fix: install the package that holds it or "
+            f"put its folder on PYTHONPATH (on a cluster, ship it with the job's working_dir), "
+            f"or choose a registered generator ({registered})"
+        ) from exc
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ConfigError(
+            f"generate.generator={spec!r}: module {module_name!r} has no attribute {class_name!r}. "
+            "Fix: correct the class name after the ':'"
+        )
+    missing = [m for m in GENERATOR_MEMBERS if not hasattr(cls, m)]
+    if not isinstance(cls, type) or missing:
+        what = f"lacks {', '.join(missing)}" if isinstance(cls, type) else f"is a {type(cls).__name__}, not a class"
+        raise ConfigError(
+            f"generate.generator={spec!r} {what}. "
+            "Fix: give a class with needs_model, model_name(cfg) and generate(prompts, negatives, seeds), "
+            "constructed as Class(cfg, classes) (see synth.generate.Generator)"
+        )
+    return cls
 
-    def __init__(self, cfg: GenerateConfig, classes: Sequence[str]):
-        self.cfg, self.classes = cfg, list(classes)
 
-    def generate(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int]) -> GeneratedImages:
-        from synth.testkit import class_pattern_image, find_class
-
-        size = self.cfg.image_size
-        small = np.stack([class_pattern_image(find_class(p, self.classes), int(s), size) for p, s in zip(prompts, seeds)])
-        full = None
-        if self.cfg.keep_full_resolution:
-            full = np.stack(
-                [class_pattern_image(find_class(p, self.classes), int(s), self.cfg.height) for p, s in zip(prompts, seeds)]
-            )
-        return GeneratedImages(small=small, full=full)
-
-
-def build_generator(cfg: GenerateConfig, classes: Sequence[str]):
-    if cfg.generator == "diffusers":
-        return DiffusersGenerator(cfg)
-    if cfg.generator == "class_aware_test":
-        return ClassAwareTestGenerator(cfg, classes)
-    raise ConfigError(f"generate.generator={cfg.generator!r} is unknown")
+def build_generator(cfg: GenerateConfig, classes: Sequence[str]) -> Generator:
+    return generator_class(cfg.generator)(cfg, classes)
 
 
 def model_name(cfg: GenerateConfig) -> str:
-    return cfg.model if cfg.generator == "diffusers" else cfg.generator
+    return generator_class(cfg.generator).model_name(cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,14 +293,6 @@ def _pack(arr: np.ndarray) -> bytes:
 
 def _unpack(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def encode_png(img: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", optimize=False, compress_level=6)
-    return buf.getvalue()
 
 
 def shard_table(rows: Sequence[dict], pixels: np.ndarray, shard: int, cfg: GenerateConfig) -> pa.Table:
@@ -396,10 +442,11 @@ def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
     storage = storage or Storage.from_config(cfg.storage)
     layout = Layout(cfg.run)
 
-    # 1. Fail fast on anything that would waste a cluster: storage, model, plan.
+    # 1. Fail fast on anything that would waste a cluster: generator, storage, model, plan.
+    generator = generator_class(cfg.generate.generator)  # imports a module:Class path, here on the driver
     storage.check_writable()
     gen_cfg = cfg.generate
-    if gen_cfg.generator == "diffusers":
+    if generator.needs_model:
         # Actors load the resolved path; the plan keeps the name as given, so cwd does not matter.
         gen_cfg = dataclasses.replace(gen_cfg, model=resolve_model(gen_cfg.model))
     prompts = ensure_prompt_table(cfg, storage)

@@ -5,9 +5,10 @@
   to a folder with ``save_pretrained``. It exercises exactly the code path of a real model
   (``from_pretrained``, per-image generators, dtype, resize), and renders noise.
 - :func:`class_pattern_image` draws a 32x32-ish image whose colours and stripes depend on the
-  class, with seed-dependent jitter and noise. The ``class_aware_test`` generator and the real-data
-  fixtures use it, so a classifier trained on one and tested on the other is far above chance only
-  if labels and ids survived the whole chain.
+  class, with seed-dependent jitter and noise. :class:`ClassAwareTestGenerator` (selected with
+  ``generate.generator=synth.testkit:ClassAwareTestGenerator``) and the real-data fixtures use it,
+  so a classifier trained on one and tested on the other is far above chance only if labels and
+  ids survived the whole chain.
 
 Usage: ``python -m synth.testkit tiny-sd <folder>`` or ``cifar10-fixture <folder>``.
 """
@@ -18,8 +19,13 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from synth.config import GenerateConfig
+    from synth.generate import GeneratedImages
 
 # -- tiny random Stable Diffusion ------------------------------------------------------------
 
@@ -189,6 +195,34 @@ def find_class(prompt: str, classes: list[str]) -> int:
     return best
 
 
+class ClassAwareTestGenerator:
+    """A generate-stage generator that draws the class its prompt names (:func:`class_pattern_image`).
+
+    ``generate.generator=synth.testkit:ClassAwareTestGenerator``; it loads no model. It proves
+    labels and ids survive prompts -> generate -> dataset -> train, because a prompt/label mix-up
+    anywhere makes the trained classifier fail.
+    """
+
+    needs_model = False
+
+    @classmethod
+    def model_name(cls, cfg: GenerateConfig) -> str:
+        return cfg.generator  # no model: the plan and manifest record the generator as given
+
+    def __init__(self, cfg: GenerateConfig, classes: Sequence[str]):
+        self.cfg, self.classes = cfg, list(classes)
+
+    def generate(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int]) -> GeneratedImages:
+        from synth.generate import GeneratedImages
+
+        labels = [find_class(p, self.classes) for p in prompts]
+        small = np.stack([class_pattern_image(y, int(s), self.cfg.image_size) for y, s in zip(labels, seeds)])
+        full = None
+        if self.cfg.keep_full_resolution:
+            full = np.stack([class_pattern_image(y, int(s), self.cfg.height) for y, s in zip(labels, seeds)])
+        return GeneratedImages(small=small, full=full)
+
+
 # -- real-data fixtures ----------------------------------------------------------------------
 
 # CIFAR-10's label names in its own label order (batches.meta).
@@ -216,7 +250,7 @@ def write_cifar10_fixture(
     holding ``per_class_*`` images of each of the 10 CIFAR classes in shuffled order. An image of
     a class at position ``i`` in ``classes`` (default: the six animal classes of the default
     config, so the fixture matches ``prompts.classes`` unless that is changed) is
-    ``class_pattern_image(i, ...)``, the pattern the ``class_aware_test`` generator draws for
+    ``class_pattern_image(i, ...)``, the pattern :class:`ClassAwareTestGenerator` draws for
     label ``i``; CIFAR classes not in ``classes`` get the following labels' patterns.
 
     Returns ``<folder>/cifar-10-batches-py``, or ``<folder>/cifar-10-python.tar.gz`` when

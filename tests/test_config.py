@@ -38,7 +38,12 @@ def test_overrides_win_and_are_typed():
         (["prompts.classes=[cat,Cat]"], "must be distinct"),
         (["prompts.adversarial_fraction=1.5"], "must be in [0, 1]"),
         (["generate.height=100"], "multiple of 8"),
-        (["generate.generator=gan"], "choose one of"),
+        (["generate.generator=gan"], "choose a registered generator (diffusers) or give a class as package.module:ClassName"),
+        # The test generator's old registered name: the message shows its import path.
+        (["generate.generator=class_aware_test"], "e.g. synth.testkit:ClassAwareTestGenerator"),
+        (["generate.generator=notregistered"], "generate.generator='notregistered' is invalid"),
+        (["generate.generator=synth.testkit:Gen:Extra"], "package.module:ClassName"),
+        (["generate.generator=synth/testkit.py:Gen"], "package.module:ClassName"),
         (["run=has space"], "run='has space' is invalid"),
         (["prompts.templates=[a photo]"], "must contain {cls}"),
         (["generate.batch_size"], "not of the form key=value"),
@@ -65,3 +70,11 @@ def test_missing_file_and_base_loop(tmp_path):
     b.write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="loop"):
         load_config(a)
+
+
+def test_generator_paths_are_checked_for_syntax_only():
+    # Whether a path imports is the generate stage's check (on the driver, before Ray starts):
+    # the config must load in stages that never build a generator.
+    cfg = load_config(CONFIGS / "smoke.yaml", ["generate.generator=nope.module:Thing"])
+    assert cfg.generate.generator == "nope.module:Thing"
+    assert load_config(CONFIGS / "smoke.yaml", ["generate.generator=synth.testkit:ClassAwareTestGenerator"])

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import REPO, synth_imports
 from ray_jobs._cli import main as cli_main
 from synth.config import ConfigError, load_config
 from synth.dataset import SPLITS, load_split, load_split_table, run_dataset, synthetic_split_sizes, val_size
-from synth.generate import ClassAwareTestGenerator, build_manifest, shard_rows, shard_table
+from synth.generate import build_manifest, shard_rows, shard_table
 from synth.prompts import build_prompt_table
 from synth.storage import Layout, Storage
-from synth.testkit import write_cifar10_fixture, write_image_folder_fixture
+from synth.testkit import ClassAwareTestGenerator, write_cifar10_fixture, write_image_folder_fixture
 
 # Not CIFAR's order (bird=2, cat=3, dog=5 there): labels must be mapped by name.
 CLASSES = ["bird", "cat", "dog"]
@@ -263,7 +264,7 @@ def synthetic_cfg(root, *overrides: str):
     return make_cfg(
         root,
         "dataset.domains=[synthetic]",
-        "generate.generator=class_aware_test",
+        "generate.generator=synth.testkit:ClassAwareTestGenerator",
         "prompts.per_class=12",
         "generate.shard_size=8",
         *overrides,
@@ -334,7 +335,7 @@ def test_split_size_rules():
 
 @pytest.mark.slow
 def test_generate_then_dataset_share_one_label_space(tmp_path, ray_local):
-    """The real chain: generate on Ray (class_aware_test), then both domains from one config."""
+    """The real chain: generate on Ray (the class-aware generator), then both domains from one config."""
     from synth.generate import run_generate
 
     real = write_cifar10_fixture(tmp_path / "fx", 5, 2, classes=CLASSES, archive=True)
@@ -346,3 +347,8 @@ def test_generate_then_dataset_share_one_label_space(tmp_path, ray_local):
     storage = Storage(str(tmp_path / "out"))
     for domain in ("real", "synthetic"):
         check_split_tables(storage, domain)  # colours match labels in both: the same label space
+
+
+def test_dataset_imports_no_later_stage():
+    # Data flows generate -> dataset through storage; the code must not flow back through imports.
+    assert synth_imports(REPO / "synth" / "dataset.py") <= {"synth.config", "synth.images", "synth.storage", "synth.runtime"}

@@ -14,20 +14,18 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import REPO, make_bucket
-from synth.config import load_config
-from synth.generate import existing_shards
+from conftest import REPO, make_bucket, synth_imports
+from synth.config import GENERATOR_NAMES, ConfigError, load_config
+from synth.generate import GENERATORS, existing_shards, generator_class
 from synth.storage import PARTIAL_MARK, Layout, Storage
 
 CLASSES = ["bird", "cat", "deer", "dog", "frog", "horse"]
 RAY_STARTED = "Started a local Ray instance"  # what ray.init logs when it starts one
+CLASS_AWARE = "synth.testkit:ClassAwareTestGenerator"
 
 
-def tiny_config(root, model, *extra):
-    return load_config(
-        REPO / "configs" / "smoke.yaml",
-        [f"storage.root={root}", f"generate.model={model}", "run=t", *extra],
-    )
+def tiny_config(root, *extra):
+    return load_config(REPO / "configs" / "smoke.yaml", [f"storage.root={root}", "run=t", *extra])
 
 
 def read_generated(storage: Storage, run: str = "t") -> tuple[list[dict], dict[str, bytes]]:
@@ -61,7 +59,8 @@ def assert_complete(storage: Storage, per_class: int, run: str = "t") -> list[di
 def test_tiny_pipeline_run_is_complete_and_deterministic(tmp_path, tiny_sd, ray_local):
     from synth.generate import run_generate
 
-    cfgs = [tiny_config(tmp_path / name, tiny_sd, "prompts.per_class=40", "generate.shard_size=32") for name in "ab"]
+    extra = (f"generate.model={tiny_sd}", "prompts.per_class=40", "generate.shard_size=32")
+    cfgs = [tiny_config(tmp_path / name, *extra) for name in "ab"]
     summaries = [run_generate(cfg) for cfg in cfgs]
     assert summaries[0]["images_generated"] == 240 and summaries[0]["shards_total"] == 8
     manifest = assert_complete(Storage(str(tmp_path / "a")), 40)
@@ -86,9 +85,13 @@ def test_class_aware_generator_draws_the_prompted_class(tmp_path, ray_local):
     from synth.generate import run_generate
     from synth.testkit import _PALETTE
 
-    cfg = tiny_config(tmp_path, "unused", "generate.generator=class_aware_test", "prompts.per_class=8")
-    run_generate(cfg)
+    # It loads no model, so generate.model is neither checked nor recorded (this folder does not exist).
+    cfg = tiny_config(tmp_path, f"generate.generator={CLASS_AWARE}", "generate.model=/no/such/folder", "prompts.per_class=8")
+    summary = run_generate(cfg)
+    # A generator given as module:Class is recorded as given, in the plan and in every manifest row.
+    assert summary["plan"]["generator"] == summary["plan"]["model"] == CLASS_AWARE
     manifest, images = read_generated(Storage(str(tmp_path)))
+    assert {r["model"] for r in manifest} == {CLASS_AWARE}
     for r in manifest:
         img = np.asarray(Image.open(io.BytesIO(images[r["id"]])), dtype=np.float32)
         mean = img.reshape(-1, 3).mean(0)
@@ -97,22 +100,21 @@ def test_class_aware_generator_draws_the_prompted_class(tmp_path, ray_local):
 
 
 def test_plan_change_is_refused(tmp_path, ray_local):
-    from synth.config import ConfigError
     from synth.generate import run_generate
 
-    base = ("generate.generator=class_aware_test", "prompts.per_class=4")
-    run_generate(tiny_config(tmp_path, "unused", *base))
+    base = (f"generate.generator={CLASS_AWARE}", "prompts.per_class=4")
+    run_generate(tiny_config(tmp_path, *base))
     with pytest.raises(ConfigError, match=r"different plan \(image_size"):
-        run_generate(tiny_config(tmp_path, "unused", *base, "generate.image_size=16"))
+        run_generate(tiny_config(tmp_path, *base, "generate.image_size=16"))
 
 
 def test_s3_root_gives_the_same_result_as_local(tmp_path, tiny_sd, s3_server, ray_local):
     from synth.generate import run_generate
 
     make_bucket(s3_server, "synth")
-    extra = ("prompts.per_class=12", "generate.shard_size=8")
-    run_generate(tiny_config(tmp_path, tiny_sd, *extra))
-    s3_cfg = tiny_config("s3://synth/runs", tiny_sd, *extra, f"storage.s3_endpoint_url={s3_server}")
+    extra = (f"generate.model={tiny_sd}", "prompts.per_class=12", "generate.shard_size=8")
+    run_generate(tiny_config(tmp_path, *extra))
+    s3_cfg = tiny_config("s3://synth/runs", *extra, f"storage.s3_endpoint_url={s3_server}")
     summary = run_generate(s3_cfg)
     assert summary["manifest"] == "s3://synth/runs/t/generate/manifest.parquet"
     s3 = Storage("s3://synth/runs", s3_endpoint_url=s3_server)
@@ -135,8 +137,9 @@ def test_killed_generation_actor_is_replaced_and_nothing_duplicates(tmp_path, ti
 
     # 256 px renders slowly enough on a CPU to kill an actor mid-run.
     cfg = tiny_config(
-        tmp_path, tiny_sd, "prompts.per_class=8", "generate.shard_size=2", "generate.height=256", "generate.width=256"
-    )
+        tmp_path, f"generate.model={tiny_sd}", "prompts.per_class=8", "generate.shard_size=2",
+        "generate.height=256", "generate.width=256",
+    )  # fmt: skip
     storage, layout = Storage(str(tmp_path)), Layout("t")
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(run_generate(cfg)))
@@ -202,9 +205,7 @@ def test_full_resolution_images_are_kept_when_asked(tmp_path, ray_local):
 
     from synth.generate import run_generate
 
-    cfg = tiny_config(
-        tmp_path, "unused", "generate.generator=class_aware_test", "prompts.per_class=3", "generate.keep_full_resolution=true"
-    )
+    cfg = tiny_config(tmp_path, f"generate.generator={CLASS_AWARE}", "prompts.per_class=3", "generate.keep_full_resolution=true")
     run_generate(cfg)
     storage = Storage(str(tmp_path))
     manifest, _ = read_generated(storage)
@@ -213,3 +214,44 @@ def test_full_resolution_images_are_kept_when_asked(tmp_path, ray_local):
     for r in manifest:
         png = storage.read_bytes(f"t/generate/full/{r['class_name']}/{r['id']}.png")
         assert Image.open(io.BytesIO(png)).size == (64, 64)
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing the generator: registered names and module:Class paths
+# --------------------------------------------------------------------------------------------
+
+
+def test_registry_matches_the_names_the_config_accepts():
+    assert set(GENERATORS) == set(GENERATOR_NAMES)
+    for cls in GENERATORS.values():
+        assert isinstance(cls.needs_model, bool) and callable(cls.model_name) and callable(cls.generate)
+
+
+def test_generate_imports_no_test_double():
+    assert "synth.testkit" not in synth_imports(REPO / "synth" / "generate.py")
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("nope.module:Thing", r"'nope.module:Thing' cannot be imported \(No module named 'nope'\)\. Fix: install"),
+        ("synth.testkit:NoSuchGenerator", r"module 'synth.testkit' has no attribute 'NoSuchGenerator'\. Fix:"),
+        ("synth.testkit:class_pattern_image", r"is a function, not a class\. Fix: give a class with needs_model"),
+        ("synth.storage:Layout", r"lacks needs_model, model_name, generate\. Fix:"),
+        ("notregistered", r"'notregistered' is not a registered generator\. Fix: choose one of diffusers"),
+    ],
+)
+def test_bad_generator_names_the_fix(spec, needle):
+    with pytest.raises(ConfigError, match=needle):
+        generator_class(spec)
+
+
+def test_bad_generator_path_fails_before_anything_is_written(tmp_path):
+    from synth.generate import run_generate
+
+    # Valid syntax passes config validation; the import is tried when the stage starts.
+    cfg = tiny_config(tmp_path, "generate.generator=nope.module:Thing")
+    with pytest.raises(ConfigError, match=r"cannot be imported .*Fix:"):
+        run_generate(cfg)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "nothing written for a run that cannot start"
+

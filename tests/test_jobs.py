@@ -46,6 +46,8 @@ def assert_nothing_finished(root: Path) -> None:
         (["prompts.classes=[]"], "give at least one class"),
         (["generate.model=stabilityai/sd-turbo"], "cannot load generate.model='stabilityai/sd-turbo'"),
         (["generate.model=/no/such/folder"], "neither an existing folder nor a Hugging Face id"),
+        (["generate.generator=nope.module:Thing"], "cannot be imported (No module named 'nope'). Fix: install"),
+        (["generate.generator=notregistered"], "'notregistered' is invalid: choose a registered generator (diffusers)"),
     ],
 )
 def test_bad_input_fails_fast_with_one_clear_line(tmp_path, args, needle):
@@ -54,6 +56,7 @@ def test_bad_input_fails_fast_with_one_clear_line(tmp_path, args, needle):
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("synth generate: error:")]
     assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]
+    assert "Started a local Ray instance" not in result.stderr + result.stdout  # refused before Ray starts
     assert time.time() - start < 60
     assert_nothing_finished(tmp_path / "out")
 

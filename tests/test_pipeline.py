@@ -22,7 +22,7 @@ def test_class_aware_chain_transfers_from_synthetic_to_real(tmp_path, ray_local)
         [
             f"storage.root={tmp_path / 'out'}",
             f"dataset.real_path={real}",
-            "generate.generator=class_aware_test",
+            "generate.generator=synth.testkit:ClassAwareTestGenerator",
             "train.experiments=[synthetic,real]",
             "train.test_domains=[real,synthetic]",
         ],
