@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from synth.report.numbers import ReportInputError, choose_samples, validate_metrics
+from synth.records import TuneRow
 from synth.storage import Layout, Storage
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,11 @@ def load_tune_results(storage: Storage, run: str, inputs: Inputs) -> Optional[di
         return None
     if not isinstance(document, dict) or not isinstance(document.get("table"), list) or not document["table"]:
         inputs.notes.append(f"{key} holds no table by ratio; the mixing-ratio sweep is left out (rerun the tune stage).")
+        return None
+    try:
+        document["rows"] = [TuneRow.from_json(row).to_json() for row in document.get("rows", [])]
+    except ValueError as exc:
+        inputs.notes.append(f"{key} has a malformed row ({exc}); the mixing-ratio sweep is left out (rerun the tune stage).")
         return None
     return document
 

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from synth.records import TrainMetrics
 from synth.stats import seed_stat
 
 # The canonical axes of the headline matrix, in reading order; other domains found in the
@@ -48,37 +49,11 @@ def pct(x: float) -> str:
 
 
 def validate_metrics(m: Any) -> None:
-    """Raise ``ValueError`` naming the first way ``m`` breaks the train stage's metrics.json schema."""
-    if not isinstance(m, dict):
-        raise ValueError(f"expected a JSON object, got {type(m).__name__}")
-    for key in ("experiment", "train_domain", "seed", "classes", "test"):
-        if key not in m:
-            raise ValueError(f"missing key {key!r}")
-    if not isinstance(m["experiment"], str) or not m["experiment"]:
-        raise ValueError(f"experiment={m['experiment']!r} is not a name")
-    if not isinstance(m["train_domain"], str) or not m["train_domain"]:
-        raise ValueError(f"train_domain={m['train_domain']!r} is not a domain name")
-    if not isinstance(m["seed"], int) or isinstance(m["seed"], bool):
-        raise ValueError(f"seed={m['seed']!r} is not an integer")
-    classes = m["classes"]
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise ValueError(f"classes={classes!r} is not a non-empty list of names")
-    if not isinstance(m["test"], dict):
-        raise ValueError("test is not an object of test domains")
-    k = len(classes)
-    for domain, r in m["test"].items():
-        if not isinstance(r, dict) or not _is_fraction(r.get("accuracy")):
-            raise ValueError(f"test.{domain}.accuracy is missing or not in [0, 1]")
-        cm = r.get("confusion_matrix")
-        if cm is not None:
-            if not (isinstance(cm, list) and len(cm) == k and all(isinstance(row, list) and len(row) == k for row in cm)):
-                raise ValueError(f"test.{domain}.confusion_matrix is not {k}x{k} (one row and column per class)")
-        per_class = r.get("per_class")
-        if per_class is not None and not isinstance(per_class, dict):
-            raise ValueError(f"test.{domain}.per_class is not an object keyed by class")
-    history = m.get("history", [])
-    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
-        raise ValueError("history is not a list of objects")
+    """Raise ``ValueError`` naming the first way ``m`` breaks the train stage's metrics.json record.
+
+    The checks are :meth:`synth.records.TrainMetrics.from_json`'s: the writer's own record type.
+    """
+    TrainMetrics.from_json(m)
 
 
 def _is_fraction(x: Any) -> bool:
