@@ -11,9 +11,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# Installs the package with its test extras (torch 2.14.1 / torchvision 0.29.1 pinned in pyproject).
-setup: $(PY)
-	$(PY) -m pip install --quiet -e ".[test]"
+# Installs the package with its test extras (torch 2.14.1 / torchvision 0.29.1 pinned in pyproject),
+# again only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -qq -e ".[test]"
+	@touch $@
+
+setup: $(VENV)/.installed
 	@test -f $(TINY_SD)/model_index.json || $(PY) -m synth.testkit tiny-sd $(TINY_SD)
 	@test -f $(CIFAR_FIXTURE)/cifar-10-batches-py/batches.meta || $(PY) -m synth.testkit cifar10-fixture $(CIFAR_FIXTURE)
 

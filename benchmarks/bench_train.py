@@ -1,24 +1,26 @@
-"""Training throughput of the default CNN: Ray Train against a plain PyTorch loop, same everything.
+"""Training cost of the default CNN: where a train-stage cell's wall time goes, and Ray against plain PyTorch.
 
-Both sides run the same code from ``synth.train`` on the same random uint8 images: the model
-(``build_model`` + whitening init), optimizer and schedule (``make_optimizer``), one epoch of
-steps (``train_epoch``: device-side flips and crops, bf16 + channels_last on a GPU) and a
-validation pass per epoch (``evaluate``). The Ray side is the real stage path
-(``make_trainer`` + ``train_loop_per_worker``), so it also pays for what the stage needs and a
-bare loop does not: a checkpoint (model + optimizer) written and reported every epoch.
+Two measurements, both on random 32 px images (speed does not depend on what the pixels show):
 
-Measured, excluding the first epoch of each side (start-up, cuDNN autotuning, lazy inits):
-- plain loop: images/s over whole epochs (steps + validation), run before and after the Ray
-  side and averaged, so a drift in machine load hits both sides alike;
-- Ray Train: images/s per worker over whole epochs as seen by the worker (steps + validation +
-  checkpoint + ``ray.train.report``), from the wall-clock time after each report;
-- ``ray_over_plain``: their ratio (aim >= 0.9, i.e. <= 10% overhead at steady state), and the
-  same ratio over training steps only, which isolates per-step overhead (DDP wrapping etc.).
+``--mode stage`` (the number the CPU path is judged by): one real train-stage cell, end to end
+-- the dataset tables written in the dataset stage's format, then ``synth.train.run_train``
+exactly as ``python -m ray_jobs.train`` runs it (decode, Ray Train start-up, epochs with
+per-epoch validation and checkpoints, the final scoring with full test-time augmentation,
+``model.pt`` and ``metrics.json``). Reported: ``steps_over_wall`` = time in optimizer steps /
+the cell's wall time (aim >= 0.9), and the rest broken down (validation, final scoring,
+everything else: Ray start-up, data placement, checkpoints).
 
-Throughput does not depend on what the pixels show, so the data is random.
+``--mode loop``: images/s at steady state (epochs 2..E) of the training core
+(:class:`synth.recipe.Run`) in a plain process against the same core inside a Ray Train worker
+with a checkpoint and report every epoch; ``ray_over_plain`` is their ratio (aim >= 0.9).
 
-    python benchmarks/bench_train.py --images 2048 --batch-size 256 --width 0.25 --epochs 4   # CPU, ~1 min
-    python benchmarks/bench_train.py                                                          # GPU: 50k images, width 1
+    python benchmarks/bench_train.py --mode stage --images 27000 --val-images 3000 --test-images 6000 \\
+        --width 1 --steps 500 --cpus 2 --epoch-val-images 1000   # configs/cpu.yaml's real -> real cell, ~12 min
+    python benchmarks/bench_train.py --mode stage --images 27000 --val-images 3000 --test-images 6000 \\
+        --width 0.5 --steps 200 --cpus 2          # a shorter CPU cell (~3 min)
+    python benchmarks/bench_train.py --mode stage --images 4096 --steps 40 --width 0.25   # quick CPU check
+    python benchmarks/bench_train.py --mode loop --images 2048 --batch-size 256 --width 0.25 --epochs 4   # CPU, ~1 min
+    python benchmarks/bench_train.py --mode stage                 # GPU: 45k/5k/10k images, width 1, 500 steps
 """
 
 from __future__ import annotations
@@ -38,87 +40,19 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from synth.config import RayConfig, TrainConfig, to_dict  # noqa: E402
-from synth.model import build_model  # noqa: E402
-from synth.train import (  # noqa: E402
-    STATE_FILE,
-    _to_device_images,
-    budget,
-    evaluate,
-    make_optimizer,
-    make_trainer,
-    train_epoch,
-    worker_config,
-)
+from synth.config import RayConfig, TrainConfig, load_config, to_dict  # noqa: E402
+from synth.recipe import Run, budget  # noqa: E402
+
+CLASSES = ["bird", "cat", "deer", "dog", "frog", "horse"]
 
 
-def plain_loop(hp: dict, data: tuple, epochs: int, device: torch.device, num_classes: int) -> dict:
-    """The same epochs as one Ray worker runs, in this process, with no Ray at all.
-
-    ``data``: ``(train images (N, 32, 32, 3) uint8, train labels, val images, val labels)``.
-    """
-    x, y, xv, yv = data
-    plan = budget(len(x), hp["batch_size"], hp["steps"], 1)
-    torch.manual_seed(0)
-    images, labels = _to_device_images(x, device), torch.from_numpy(y).to(device)
-    val_images, val_labels = _to_device_images(xv, device), torch.from_numpy(yv).to(device)
-    model = build_model(num_classes, hp["width"]).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model.init_whitening(images[:5000].float() / 255.0)
-    optimizer, scheduler = make_optimizer(model, hp, hp["steps"])
-    ends, step_seconds = [], []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        steps, batch = plan["steps_per_epoch"], plan["per_rank_batch"]
-        train_epoch(model, optimizer, scheduler, images, labels, batch, steps, hp["translate"], hp["label_smoothing"])
-        _sync(device)
-        step_seconds.append(time.perf_counter() - start)
-        evaluate(model, val_images, val_labels, hp["eval_batch_size"], hp["tta_level"]).cpu()
-        ends.append(time.time())
-    per_epoch = plan["steps_per_epoch"] * plan["per_rank_batch"]
-    return {
-        "epoch_end_times": ends,
-        "images_per_second": per_epoch * (epochs - 1) / (ends[-1] - ends[0]),
-        "steps_only_images_per_second": per_epoch * (epochs - 1) / sum(step_seconds[1:]),
-        "torch_threads": torch.get_num_threads(),
-    }
+def random_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, len(CLASSES), n).astype(np.int64)
 
 
-def ray_train(hp: dict, data: tuple, num_workers: int, use_gpu: bool, num_classes: int) -> dict:
-    """The stage's own trainer and worker loop, storing checkpoints in a temporary folder."""
-    import ray
-
-    x, y, xv, yv = data
-    plan = budget(len(x), hp["batch_size"], hp["steps"], num_workers)
-    with tempfile.TemporaryDirectory() as folder:
-        config = worker_config(hp, 0, num_classes, ray.put((x, y)), ray.put((xv, yv)), "bench")
-        trainer = make_trainer(config, num_workers=num_workers, use_gpu=use_gpu, name="bench-train", storage_path=folder)
-        start = time.time()
-        result = trainer.fit()
-        wall = time.time() - start
-        with result.checkpoint.as_directory() as ckpt:
-            history = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=True)["history"]
-            checkpoint_mib = os.path.getsize(os.path.join(ckpt, STATE_FILE)) / 2**20
-    ends = result.return_value["report_times"]
-    per_epoch_per_worker = plan["steps_per_epoch"] * plan["per_rank_batch"]
-    return {
-        "wall_seconds_including_startup": wall,
-        "first_report_after_seconds": ends[0] - start,
-        "epoch_end_times": ends,
-        "images_per_second_per_worker": per_epoch_per_worker * (len(ends) - 1) / (ends[-1] - ends[0]),
-        "steps_only_images_per_second_per_worker": per_epoch_per_worker
-        * (len(history) - 1)
-        / sum(h["seconds"] for h in history[1:]),
-        "checkpoint_mib": checkpoint_mib,
-        "torch_threads": result.return_value["torch_threads"],
-        "final_train_loss": history[-1]["train_loss"],
-    }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def _device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def _device_name(device: torch.device) -> str:
@@ -127,80 +61,159 @@ def _device_name(device: torch.device) -> str:
     return f"CPU: {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=50_000, help="training images (random)")
-    parser.add_argument("--val-images", type=int, default=5_000)
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=1024, help="global batch, as train.batch_size")
-    parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--epochs", type=int, default=6, help="epochs per side; the first is excluded")
-    parser.add_argument("--num-workers", type=int, default=1)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_train.json"))
-    args = parser.parse_args()
+# --------------------------------------------------------------------------------------------
+# stage: one train-stage cell, end to end
+# --------------------------------------------------------------------------------------------
 
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
-    y = rng.integers(0, args.classes, args.images).astype(np.int64)
-    xv = rng.integers(0, 256, (args.val_images, 32, 32, 3), dtype=np.uint8)
-    yv = rng.integers(0, args.classes, args.val_images).astype(np.int64)
-    steps_per_epoch = budget(args.images, args.batch_size, 1, args.num_workers)["steps_per_epoch"]
-    steps = args.epochs * steps_per_epoch
+
+def bench_stage(args, device: torch.device) -> dict:
+    from synth.storage import Storage
+    from synth.testkit import write_dataset_split
+    from synth.train import run_train
+
+    with tempfile.TemporaryDirectory() as root:
+        cfg = load_config(
+            None,
+            [
+                "run=bench", f"storage.root={root}", f"prompts.classes=[{','.join(CLASSES)}]", "train.experiments=[real]",
+                "train.test_domains=[real]", "train.seeds=[0]", f"train.width={args.width}", f"train.steps={args.steps}",
+                f"train.batch_size={args.batch_size}", f"train.cpus_per_worker={args.cpus}", f"ray.local_num_cpus={max(4, args.cpus)}",
+                f"train.epoch_val_images={args.epoch_val_images or 'null'}",
+            ],
+        )  # fmt: skip
+        storage = Storage.from_config(cfg.storage)
+        for split, n, seed in (("train", args.images, 1), ("val", args.val_images, 2), ("test", args.test_images, 3)):
+            images, labels = random_split(n, seed)
+            write_dataset_split(storage, cfg.run, "real", split, images, labels, CLASSES)
+        start = time.perf_counter()
+        summary = run_train(cfg, storage)
+        stage_wall = time.perf_counter() - start
+        metrics = storage.read_json(f"{cfg.run}/train/train-real/seed-0/metrics.json")
+    wall, steps = metrics["wall_seconds"], metrics["train_seconds"]
+    val = sum(h["val_seconds"] for h in metrics["history"])
+    return {
+        "cell_wall_seconds": wall,
+        "stage_wall_seconds": round(stage_wall, 3),
+        "train_step_seconds": steps,
+        "per_epoch_validation_seconds": round(val, 3),
+        "final_scoring_seconds": metrics["score_seconds"],
+        "ray_startup_seconds": metrics["ray_startup_seconds"],
+        "ray_teardown_seconds": metrics["ray_teardown_seconds"],
+        "other_seconds": round(
+            wall - steps - val - metrics["score_seconds"] - metrics["ray_startup_seconds"] - metrics["ray_teardown_seconds"], 3
+        ),
+        "steps_over_wall": round(steps / wall, 4),
+        "steps_over_stage_wall": round(steps / stage_wall, 4),
+        "epochs": len(metrics["history"]),
+        "train_images_per_second": metrics["train_images_per_second"],
+        "torch_threads": args.cpus if device.type == "cpu" else None,
+        "summary_cells": summary["cells_trained"],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# loop: the training core in a plain process vs in a Ray Train worker
+# --------------------------------------------------------------------------------------------
+
+
+def plain_loop(hp: dict, data: tuple, device: torch.device) -> dict:
+    """The same epochs one Ray worker runs, in this process, with no Ray and no checkpoints."""
+    train, val = data
+    run = Run(hp, len(CLASSES), 0, device, train, val, config_hash="bench")
+    ends = []
+    for _ in run.fit():
+        ends.append(time.time())
+    per_epoch = run.budget.steps_per_epoch * run.budget.per_rank_batch
+    seconds = [h["seconds"] for h in run.progress.history]
+    return {
+        "images_per_second": per_epoch * (len(ends) - 1) / (ends[-1] - ends[0]),
+        "steps_only_images_per_second": per_epoch * (len(ends) - 1) / sum(seconds[1:]),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def ray_loop(hp: dict, data: tuple, num_workers: int, use_gpu: bool) -> dict:
+    """The stage's own trainer and worker loop; per-epoch wall times come back through the progress relay."""
+    import ray
+
+    from synth.progress import ProgressRelay
+    from synth.train import make_trainer, worker_config
+
+    train, val = data
+    plan = budget(len(train[1]), hp["batch_size"], hp["steps"], num_workers)
+    relay, ends, history = ProgressRelay(), [], []
+    with tempfile.TemporaryDirectory() as folder:
+        config = worker_config(hp, 0, CLASSES, ray.put(train), ray.put(val), {}, "bench", relay.sink)
+        trainer = make_trainer(config, num_workers=num_workers, use_gpu=use_gpu, name="bench-train", storage_path=folder)
+        start = time.time()
+
+        def on_epoch(record: dict) -> None:
+            ends.append(time.time())
+            history.append(record)
+
+        relay.run(trainer.fit, on_epoch)
+    per_epoch = plan.steps_per_epoch * plan.per_rank_batch
+    return {
+        "first_report_after_seconds": ends[0] - start,
+        "images_per_second_per_worker": per_epoch * (len(ends) - 1) / (ends[-1] - ends[0]),
+        "steps_only_images_per_second_per_worker": per_epoch * (len(history) - 1) / sum(h["seconds"] for h in history[1:]),
+    }
+
+
+def bench_loop(args, device: torch.device) -> dict:
+    train, val = random_split(args.images, 1), random_split(args.val_images, 2)
+    steps = args.epochs * budget(args.images, args.batch_size, 1, args.num_workers).steps_per_epoch
     hp = to_dict(TrainConfig(width=args.width, batch_size=args.batch_size, steps=steps, num_workers=args.num_workers))
-    data = (x, y, xv, yv)
-
-    # 1. Plain PyTorch. On a CPU it gets as many threads as a Ray worker (Ray gives a 1-CPU
-    #    worker OMP_NUM_THREADS=1), so the ratio compares loops, not thread counts.
+    # On a CPU the plain side gets as many threads as a 1-CPU Ray worker, so the ratio compares loops.
     if device.type == "cpu":
         torch.set_num_threads(1)
-    plain_before = plain_loop(hp, data, args.epochs, device, args.classes)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-    # 2. Ray Train, on a private local instance.
+    before = plain_loop(hp, (train, val), device)
     from synth.runtime import init_ray
 
     init_ray(RayConfig())
-    ray_side = ray_train(hp, data, args.num_workers, device.type == "cuda", args.classes)
-
-    # 3. Plain again: the mean of the runs before and after Ray evens out drifts in machine load.
-    plain_after = plain_loop(hp, data, args.epochs, device, args.classes)
-    plain = {k: (plain_before[k] + plain_after[k]) / 2 for k in ("images_per_second", "steps_only_images_per_second")}
-    plain |= {"before": plain_before, "after": plain_after}
-
-    import ray
-
-    result = {
-        "what": "training images/s of synth.model at steady state (epochs 2..E): Ray Train worker loop vs plain PyTorch loop",
-        "images": args.images,
-        "val_images": args.val_images,
-        "classes": args.classes,
-        "batch_size": args.batch_size,
-        "width": args.width,
-        "epochs": args.epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "num_workers": args.num_workers,
-        "plain": plain,
+    ray_side = ray_loop(hp, (train, val), args.num_workers, device.type == "cuda")
+    after = plain_loop(hp, (train, val), device)  # before and after: a drift in machine load hits both sides alike
+    plain = {k: (before[k] + after[k]) / 2 for k in ("images_per_second", "steps_only_images_per_second")}
+    return {
+        "plain": plain | {"before": before, "after": after},
         "ray": ray_side,
         "ray_over_plain": ray_side["images_per_second_per_worker"] / plain["images_per_second"],
         "ray_over_plain_steps_only": ray_side["steps_only_images_per_second_per_worker"] / plain["steps_only_images_per_second"],
-        "device": _device_name(device),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "ray": ray.__version__,
-            "cuda": torch.version.cuda,
-        },
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("plain", "ray")}, indent=2))
-    print(
-        f"plain {plain['images_per_second']:.0f} img/s | Ray Train {ray_side['images_per_second_per_worker']:.0f} img/s/worker "
-        f"| ratio {result['ray_over_plain']:.3f} (steps only {result['ray_over_plain_steps_only']:.3f}) -> {args.out}"
-    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("stage", "loop"), default="stage")
+    parser.add_argument("--images", type=int, default=45_000, help="training images (random)")
+    parser.add_argument("--val-images", type=int, default=5_000)
+    parser.add_argument("--test-images", type=int, default=10_000, help="stage mode: test images (scored once, full TTA)")
+    parser.add_argument("--batch-size", type=int, default=1024, help="global batch, as train.batch_size")
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--steps", type=int, default=500, help="stage mode: train.steps")
+    parser.add_argument("--epochs", type=int, default=6, help="loop mode: epochs per side; the first is excluded")
+    parser.add_argument("--cpus", type=int, default=1, help="stage mode: train.cpus_per_worker (torch threads on a CPU)")
+    parser.add_argument("--epoch-val-images", type=int, default=None, help="stage mode: train.epoch_val_images (default: all)")
+    parser.add_argument("--num-workers", type=int, default=1, help="loop mode: Ray Train workers")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/bench_train_<mode>.json)")
+    args = parser.parse_args()
+
+    device = _device(args.device)
+    result = bench_stage(args, device) if args.mode == "stage" else bench_loop(args, device)
+    import ray
+
+    result = {
+        "mode": args.mode,
+        "args": vars(args),
+        **result,
+        "device": _device_name(device),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__, "cuda": torch.version.cuda},
+    }
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"bench_train_{args.mode}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ import pyarrow as pa
 
 from synth.config import Config, ConfigError, DatasetConfig, StorageConfig, class_slug
 from synth.images import decode_png, encode_png
+from synth.progress import say
 from synth.storage import Layout, Storage
 
 log = logging.getLogger(__name__)
@@ -635,7 +636,7 @@ def run_dataset(cfg: Config, storage: Optional[Storage] = None) -> dict:
             if skipped:
                 log.warning("dataset: %s/%s: skipped %d unreadable images", domain, split, skipped)
         summary["domains"][domain] = report
-        log.info("dataset: %s: %s", domain, report["images"])
+        say("dataset", f"{domain}: " + ", ".join(f"{split} {n:,}" for split, n in report["images"].items()) + " images")
     summary["wall_seconds"] = round(time.perf_counter() - start, 3)
     return write_stage_summary(storage, cfg, "dataset", summary)
 

@@ -39,6 +39,7 @@ import pyarrow as pa
 
 from synth.config import Config, ConfigError, GenerateConfig, class_slug
 from synth.images import encode_png
+from synth.progress import rate, say
 from synth.storage import Layout, Storage
 
 log = logging.getLogger(__name__)
@@ -459,14 +460,24 @@ def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
     shards = shard_rows(prompts, cfg.generate.shard_size)
     done = existing_shards(storage, layout)
     todo = [(k, rows) for k, rows in enumerate(shards) if k not in done]
-    log.info("generate: %d shards planned, %d stored, %d to make", len(shards), len(done), len(todo))
+    to_make = sum(len(rows) for _, rows in todo)
+    say("generate", f"{prompts.num_rows:,} images in {len(shards)} shards with {model_name(cfg.generate)}: "
+        f"{len(done)} shards stored, {len(todo)} to make ({to_make:,} images)")  # fmt: skip
 
-    # 3. Generate them on Ray.
+    # 3. Generate them on Ray, with progress as shards land.
     results: list[dict] = []
     gen_start = time.perf_counter()
     if todo:
         init_ray(cfg.ray)
-        results = list(run_ray_generation(storage, cfg.run, gen_cfg, cfg.prompts.classes, todo))
+        first: Optional[tuple[int, float]] = None  # (images, time) when the first shard landed: start-up excluded
+        for result in run_ray_generation(storage, cfg.run, gen_cfg, cfg.prompts.classes, todo):
+            results.append(result)
+            made_so_far, now = int(sum(r["images"] for r in results)), time.perf_counter()
+            first = first or (made_so_far, now)
+            if made_so_far > first[0]:
+                say("generate", rate(made_so_far, to_make, now - first[1], "images", since=first[0]), progress=True)
+            else:
+                say("generate", f"{made_so_far:,}/{to_make:,} images (first shard after {now - gen_start:.0f} s of start-up)", progress=True)
     gen_seconds = time.perf_counter() - gen_start
     made = int(sum(r["images"] for r in results))
 
@@ -489,4 +500,7 @@ def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
         "manifest": storage.uri(layout.generate_manifest),
         "plan": plan,
     }
+    speed = f", {summary['images_per_second']:.2f} images/s" if made else ""
+    say("generate", f"{manifest.num_rows:,} images ({len(per_class)} classes), {made:,} made now in {gen_seconds:.1f} s{speed} "
+        f"-> {summary['manifest']}")  # fmt: skip
     return write_stage_summary(storage, cfg, "generate", summary)

@@ -13,7 +13,7 @@ accuracy over 1,000 runs in 3.83 s on an A100), for a (B, 3, 32, 32) batch at ``
 
 Why these pieces: every 3x3 conv starts as an identity (Dirac) map, so each block's second conv
 is an implicit residual connection and the net trains fast without skip wiring; BatchNorm keeps
-its scale fixed at 1 (only the bias learns, with a 64x learning rate, see ``synth.train``); the
+its scale fixed at 1 (only the bias learns, with a 64x learning rate, see ``synth.recipe``); the
 logit scale 1/9 is a fixed temperature that keeps early softmax outputs soft.
 
 Parameters (``count_parameters``), roughly quadratic in ``width``:

@@ -11,6 +11,7 @@ import time
 from typing import Optional
 
 from synth.config import Config
+from synth.progress import say
 from synth.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ def run_pipeline(cfg: Config, storage: Optional[Storage] = None) -> dict:
 
     storage = storage or Storage.from_config(cfg.storage)
     storage.check_writable()
+    say("pipeline", f"run {cfg.run!r}: prompts -> generate -> dataset -> train -> tune -> report, into {storage.uri(cfg.run)}")
     summaries: dict[str, dict] = {}
     start = time.perf_counter()
     for name, stage in (
@@ -36,7 +38,6 @@ def run_pipeline(cfg: Config, storage: Optional[Storage] = None) -> dict:
         ("tune", run_tune),
         ("report", run_report),
     ):
-        log.info("pipeline: stage %s", name)
         summaries[name] = stage(cfg, storage)
     return {
         "run": cfg.run,

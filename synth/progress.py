@@ -53,9 +53,9 @@ def say(stage: str, text: str, progress: bool = False) -> None:
         print(line, flush=True)
 
 
-def rate(done: int, total: int, seconds: float, unit: str) -> str:
-    """``"120/384 images, 14.2 images/s, ETA 19 s"``."""
-    speed = done / seconds if seconds > 0 else 0.0
+def rate(done: int, total: int, seconds: float, unit: str, since: int = 0) -> str:
+    """``"120/384 images, 14.2 images/s, ETA 19 s"``; the speed counts the ``done - since`` made in ``seconds``."""
+    speed = (done - since) / seconds if seconds > 0 else 0.0
     eta = f", ETA {(total - done) / speed:.0f} s" if speed > 0 and done < total else ""
     return f"{done:,}/{total:,} {unit}, {speed:.1f} {unit}/s{eta}"
 

@@ -110,6 +110,10 @@ def _write_prompt_table(cfg: Config, storage, table: pa.Table) -> dict:
     write_stage_config(storage, cfg, "prompts")
     storage.write_parquet(layout.prompts_table, table)
     techniques = Counter(table.column("technique").to_pylist())
+    from synth.progress import say
+
+    shares = ", ".join(f"{n:,} {t}" for t, n in sorted(techniques.items()))
+    say("prompts", f"{table.num_rows:,} prompts for {len(cfg.prompts.classes)} classes ({shares}) -> {storage.uri(layout.prompts_table)}")
     return write_stage_summary(
         storage,
         cfg,

@@ -123,10 +123,24 @@ def flip_and_crop(x: torch.Tensor, translate: int) -> torch.Tensor:
     return out
 
 
-def autocast(device: torch.device):
-    """bf16 on GPUs (BatchNorm and the loss stay fp32 under autocast); CPUs compute in fp32."""
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 convolutions run natively here: every CUDA GPU synth targets, CPUs with AVX512-BF16 / AMX."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return True
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` on this device: ``auto`` is bfloat16 where it is native, else float32."""
+    if precision == "auto":
+        return "bfloat16" if bf16_is_fast(device) else "float32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast (BatchNorm and the loss stay fp32 under it), or plain fp32."""
+    if resolve_precision(precision, device) == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -141,9 +155,8 @@ def to_device_labels(labels: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _as_input(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 (b, 3, H, W) -> float in [0, 1], channels_last on GPUs."""
-    x = x_uint8.float().div_(255.0)
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" else x
+    """uint8 (b, 3, H, W) -> float in [0, 1], channels_last (faster convolutions on GPUs and on CPUs alike)."""
+    return x_uint8.float().div_(255.0).contiguous(memory_format=torch.channels_last)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -161,6 +174,7 @@ def train_epoch(
     steps: int,
     translate: int,
     label_smoothing: float,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """``steps`` optimizer steps over a fresh permutation of one rank's data; returns the loss sum.
 
@@ -174,7 +188,7 @@ def train_epoch(
     for i in range(steps):
         idx = order[i * batch_size : (i + 1) * batch_size]
         x = flip_and_crop(_as_input(images[idx]), translate)  # (b, 3, H, W) in [0, 1]
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(x)  # (b, K)
         loss = F.cross_entropy(logits.float(), labels[idx], label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -191,7 +205,9 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, tta_level: int) -> torch.Tensor:
+def evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, tta_level: int, precision: str = "auto"
+) -> torch.Tensor:
     """(correct, summed cross-entropy, count) on the device for uint8 (N, 3, H, W) images."""
     device = images.device
     model.eval()
@@ -199,7 +215,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     for start in range(0, len(images), batch_size):
         x = _as_input(images[start : start + batch_size])
         y = labels[start : start + batch_size]
-        with autocast(device):
+        with autocast(device, precision):
             logits = tta_logits(model, x, tta_level).float()  # (b, K)
         totals[0] += (logits.argmax(1) == y).sum()
         totals[1] += F.cross_entropy(logits, y, reduction="sum")
@@ -208,13 +224,15 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, batch_size: int, tta_level: int, device: torch.device) -> np.ndarray:
+def predict(
+    model: nn.Module, images: np.ndarray, batch_size: int, tta_level: int, device: torch.device, precision: str = "auto"
+) -> np.ndarray:
     """Predicted labels (N,) for uint8 (N, H, W, 3) images, moved to the device a batch at a time."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = _as_input(to_device_images(images[start : start + batch_size], device))
-        with autocast(device):
+        with autocast(device, precision):
             out.append(tta_logits(model, x, tta_level).float().argmax(1).cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
@@ -323,6 +341,11 @@ def budget(train_images: int, batch_size: int, steps: int, world_size: int = 1) 
     return Budget(per_rank_batch, steps_per_epoch, -(-steps // steps_per_epoch))
 
 
+def epoch_val_stride(n: int, limit: Optional[int]) -> int:
+    """Every how many validation images the per-epoch check takes to stay within ``limit`` (None: all)."""
+    return 1 if limit is None or n <= limit else -(-n // limit)
+
+
 # ============================================================================================
 # 6. One run: data on the device, the model, resumption, epochs, the final scores
 # ============================================================================================
@@ -353,6 +376,7 @@ class Run:
         threads: Optional[int] = None,
     ):
         self.hp, self.seed, self.device, self.rank, self.world = hp, seed, device, rank, world
+        self.precision = resolve_precision(hp.get("precision", "auto"), device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each conv once
         elif threads:
@@ -361,14 +385,13 @@ class Run:
         self.budget = budget(len(train_images), hp["batch_size"], hp["steps"], world)
         self.x_train = to_device_images(train_images[rank::world], device)  # (n, 3, H, W) uint8
         self.y_train = to_device_labels(train_labels[rank::world], device)
-        self.x_val = to_device_images(val[0][rank::world], device)
-        self.y_val = to_device_labels(val[1][rank::world], device)
+        every = epoch_val_stride(len(val[1]), hp.get("epoch_val_images"))
+        self.x_val = to_device_images(val[0][::every][rank::world], device)  # per-epoch validation only
+        self.y_val = to_device_labels(val[1][::every][rank::world], device)
 
         # Same seed on every rank, so every rank starts from the same weights.
         torch.manual_seed(seed)
-        model = build_model(num_classes, hp["width"]).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        model = build_model(num_classes, hp["width"]).to(device).to(memory_format=torch.channels_last)
         model.init_whitening(to_device_images(train_images[:WHITEN_IMAGES], device).float() / 255.0)
         self.model: nn.Module = model
         self.optimizer, self.scheduler = make_optimizer(model, hp, hp["steps"])
@@ -397,8 +420,9 @@ class Run:
 
         ``wrap`` (Ray Train's ``prepare_model``: DDP when world > 1) is applied after a restore,
         so rank 0's restored weights are what every rank starts from. The record:
-        ``{epoch, step, train_loss, val_accuracy, val_loss, seconds}``, validation with one view
-        per image; ``seconds`` is the time of the epoch's optimizer steps only.
+        ``{epoch, step, train_loss, val_accuracy, val_loss, seconds, val_seconds}``, validation
+        with one view per image; ``seconds`` is the time of the epoch's optimizer steps only,
+        ``val_seconds`` that of its validation.
         """
         if wrap is not None:
             self.model = wrap(self.model)
@@ -410,12 +434,12 @@ class Run:
             tick = time.perf_counter()
             loss_sum = train_epoch(
                 self.model, self.optimizer, self.scheduler, self.x_train, self.y_train, b.per_rank_batch, steps,
-                hp["translate"], hp["label_smoothing"],
+                hp["translate"], hp["label_smoothing"], self.precision,
             )  # fmt: skip
             train_loss = self._all_reduce(loss_sum / steps) / self.world  # waits for the device once
             seconds = time.perf_counter() - tick
             self.train_seconds += seconds
-            val = self._all_reduce(evaluate(self.net, self.x_val, self.y_val, hp["eval_batch_size"], EPOCH_VAL_TTA))
+            val = self._all_reduce(evaluate(self.net, self.x_val, self.y_val, hp["eval_batch_size"], EPOCH_VAL_TTA, self.precision))
             record = {
                 "epoch": epoch,
                 "step": self.progress.step + steps,
@@ -423,6 +447,7 @@ class Run:
                 "val_accuracy": float(val[0] / max(float(val[2]), 1.0)),
                 "val_loss": float(val[1] / max(float(val[2]), 1.0)),
                 "seconds": round(seconds, 4),
+                "val_seconds": round(time.perf_counter() - tick - seconds, 4),
             }
             self.progress.epoch, self.progress.step = epoch, record["step"]
             self.progress.history = [*self.progress.history, record]
@@ -444,7 +469,7 @@ class Run:
         sizes = [len(sets[n][1]) for n in sets]
         images = [sets[n][0] for n, size in zip(sets, sizes) if size]
         predicted = (
-            predict(self.net, np.concatenate(images), self.hp["eval_batch_size"], self.hp["tta_level"], self.device)
+            predict(self.net, np.concatenate(images), self.hp["eval_batch_size"], self.hp["tta_level"], self.device, self.precision)
             if images
             else np.zeros(0, dtype=np.int64)
         )

@@ -63,12 +63,13 @@ def _require_keys(obj: Any, keys: tuple[str, ...]) -> dict:
 class TrainMetrics:
     """One trained cell of the train-domain x test-domain matrix.
 
-    ``history``: one ``{epoch, step, train_loss, val_accuracy, val_loss, seconds}`` per epoch
-    (validation with one view per image; ``seconds``: that epoch's optimizer steps only).
+    ``history``: one ``{epoch, step, train_loss, val_accuracy, val_loss, seconds, val_seconds}``
+    per epoch (validation with one view per image; ``seconds``: that epoch's optimizer steps only).
     ``val`` and ``test[<domain>]``: the final model with the full test-time augmentation,
     ``{accuracy, n, per_class: {class: {precision, recall, f1, support}}, confusion_matrix}``
     (rows: true labels). ``wall_seconds`` is the cell's whole time, ``train_seconds`` the sum of
-    its optimizer steps (this attempt's and any resumed epochs').
+    its optimizer steps (this attempt's and any resumed epochs'), ``score_seconds`` the final
+    scoring pass (every scored split, full test-time augmentation).
     """
 
     experiment: str
@@ -87,6 +88,9 @@ class TrainMetrics:
     history: list[dict] = field(default_factory=list)
     wall_seconds: float = 0.0
     train_seconds: float = 0.0
+    score_seconds: float = 0.0
+    ray_startup_seconds: float = 0.0  # trainer.fit() called -> the worker's loop began (this attempt)
+    ray_teardown_seconds: float = 0.0  # the worker's loop returned -> trainer.fit() returned
     train_images_per_second: float = 0.0
     code_version: str = ""
     config_hash: str = ""

@@ -327,10 +327,6 @@ class Layout:
         """One row per (ratio, seed); ``.parquet`` and ``.json`` beside each other."""
         return f"{self.run}/tune/results"
 
-    @property
-    def tune_plot(self) -> str:
-        return f"{self.run}/tune/accuracy-vs-ratio.png"
-
     def config_file(self, stage: str) -> str:
         return f"{self.run}/{stage}/config.yaml"
 

@@ -76,6 +76,7 @@ def train_loop_per_worker(config: dict) -> Optional[dict]:
     import ray.train  # [ray]
     import ray.train.torch  # [ray]
 
+    started_at = time.time()
     hp, seed, classes = config["hp"], config["seed"], config["classes"]
     context = ray.train.get_context()  # [ray]
     rank, world = context.get_world_rank(), context.get_world_size()  # [ray]
@@ -103,13 +104,17 @@ def train_loop_per_worker(config: dict) -> Optional[dict]:
         return None
     sets = {"val": ray.get(config["val"]), **{d: ray.get(ref) for d, ref in config["tests"].items()}}  # [ray]
     unions = {name: parts for name, parts in UNIONS.items() if name in config["test_domains"]}
+    tick = time.perf_counter()
     scores = run.scores(sets, classes, unions)
     return {
         "scores": scores,
+        "score_seconds": time.perf_counter() - tick,
         "model": model_bytes(run.net.cpu(), classes),
         "progress": dataclasses.asdict(run.progress),
         "train_seconds": sum(h["seconds"] for h in run.progress.history),
         "device": run.device.type,
+        "started_at": started_at,  # when this worker began: the driver's start-up and tear-down follow from it
+        "finished_at": time.time(),
     }
 
 
@@ -232,7 +237,9 @@ def train_experiment(cfg: Config, storage: Storage, train_domain: str, seed: int
         max_failures=t.max_failures,
     )
     log.debug("train: %s seed %d on %d worker(s), gpu=%s -> %s", experiment, seed, t.num_workers, use_gpu, storage_path)
+    fit_called = time.time()
     result = relay.run(trainer.fit, lambda record: say("train", _cell_line(experiment, seed, record), progress=True))
+    fit_returned = time.time()
     if result.error is not None:
         raise result.error
     out = result.return_value
@@ -259,6 +266,9 @@ def train_experiment(cfg: Config, storage: Storage, train_domain: str, seed: int
         history=progress["history"],
         wall_seconds=round(time.perf_counter() - start, 3),
         train_seconds=round(out["train_seconds"], 3),
+        score_seconds=round(out["score_seconds"], 3),
+        ray_startup_seconds=round(out["started_at"] - fit_called, 3),
+        ray_teardown_seconds=round(fit_returned - out["finished_at"], 3),
         train_images_per_second=round(progress["step"] * t.batch_size / out["train_seconds"], 2) if out["train_seconds"] else 0.0,
         code_version=code_version(),
         config_hash=cfg_hash,

@@ -64,7 +64,7 @@ from synth.config import Config, TuneConfig, to_dict, validate
 from synth.progress import say, verbose
 from synth.recipe import STATE_FILE, Run, budget, result_hash
 from synth.records import TrialRecord, TuneRow
-from synth.splits import Split, composition, mix, read_split
+from synth.splits import Split, SplitCache, composition, mix
 from synth.stats import mean_std
 from synth.storage import Layout, Storage, trial_tag
 
@@ -88,33 +88,9 @@ def training_set(real: Split, synthetic: Split, ratio: float, mode: str, seed: i
     return mix(real, synthetic, ratio, seed, mode)
 
 
-@dataclass
-class SweepData:
-    """The splits a sweep reads, decoded once on the driver and shared with every trial."""
-
-    real_train: Split
-    synthetic_train: Split
-    real_val: Split  # the objective
-    real_test: Split  # final table only
-    synthetic_test: Split  # final table only
-
-    @classmethod
-    def load(cls, cfg: Config, storage: Storage) -> "SweepData":
-        classes = list(cfg.prompts.classes)
-
-        def read(domain: str, split: str) -> Split:
-            return read_split(storage, cfg.run, domain, split, classes)
-
-        return cls(read("real", "train"), read("synthetic", "train"), read("real", "val"), read("real", "test"),
-                   read("synthetic", "test"))  # fmt: skip
-
-    def counts(self) -> dict:
-        return {
-            name: {"images": len(split)}
-            for name, split in (("real/train", self.real_train), ("synthetic/train", self.synthetic_train),
-                                ("real/val", self.real_val), ("real/test", self.real_test),
-                                ("synthetic/test", self.synthetic_test))
-        }  # fmt: skip
+# The stored splits a sweep reads (decoded once on the driver, shared with every trial): the
+# objective is the real validation split; the test splits are for the final table only.
+SWEEP_SPLITS = (("real", "train"), ("synthetic", "train"), ("real", "val"), ("real", "test"), ("synthetic", "test"))
 
 
 @dataclass(frozen=True)
@@ -149,7 +125,7 @@ def read_record(storage: Storage, key: str, expected_hash: str) -> Optional[Tria
         return None
 
 
-def train_trial(config: dict, data: SweepData, context: TrialContext) -> None:
+def train_trial(config: dict, data: SplitCache, context: TrialContext) -> None:
     """One Tune trial: the training core (:class:`synth.recipe.Run`) at ``config["ratio"]`` with ``config["seed"]``.
 
     Each epoch reports the core's epoch record (``val_accuracy`` is on the real validation
@@ -176,10 +152,11 @@ def train_trial(config: dict, data: SweepData, context: TrialContext) -> None:
         return
 
     # 1. The training core on this trial's set, on the trial's device (a GPU when Tune gave it one).
-    train = training_set(data.real_train, data.synthetic_train, ratio, context.mode, seed)
-    n_real, n_synthetic = composition(len(data.real_train), len(data.synthetic_train), ratio, context.mode)
+    real, synthetic, real_val = data.get("real", "train"), data.get("synthetic", "train"), data.get("real", "val")
+    train = training_set(real, synthetic, ratio, context.mode, seed)
+    n_real, n_synthetic = composition(len(real), len(synthetic), ratio, context.mode)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = Run(hp, len(context.classes), seed, device, train.arrays(), data.real_val.arrays(), this_hash, threads=context.threads)
+    run = Run(hp, len(context.classes), seed, device, train.arrays(), real_val.arrays(), this_hash, threads=context.threads)
 
     # 2. Resume: Tune hands a restarted trial (failure, or a restored sweep) its last checkpoint.
     checkpoint = ray.tune.get_checkpoint()  # [ray]
@@ -190,7 +167,7 @@ def train_trial(config: dict, data: SweepData, context: TrialContext) -> None:
 
     def finish() -> dict:
         """Score the final model once, store the trial's record, return its last report's metrics."""
-        sets = {"val": data.real_val.arrays(), "real": data.real_test.arrays(), "synthetic": data.synthetic_test.arrays()}
+        sets = {"val": real_val.arrays(), "real": data.get("real", "test").arrays(), "synthetic": data.get("synthetic", "test").arrays()}
         scores = run.scores(sets, context.classes, {"mixture": ("real", "synthetic")})
         final = {
             **run.progress.history[-1],
@@ -538,10 +515,10 @@ def run_tune(cfg: Config, storage: Optional[Storage] = None) -> dict:
     )
     if document is None:
         # 3. Data and plan, checked before any trial starts.
-        data = SweepData.load(cfg, storage)
-        if len(data.real_val) == 0:
+        data = SplitCache(storage, cfg.run, list(cfg.prompts.classes)).load(SWEEP_SPLITS)
+        if len(data.get("real", "val")) == 0:
             raise ValueError("the real validation split is empty. Fix: set dataset.val_fraction > 0 and rebuild the dataset")
-        plan = sweep_plan(len(data.real_train), len(data.synthetic_train), cfg)
+        plan = sweep_plan(len(data.get("real", "train")), len(data.get("synthetic", "train")), cfg)
         data_counts = data.counts()
 
         # 4. The sweep: new, or restored where a killed driver left it.
@@ -558,7 +535,7 @@ def run_tune(cfg: Config, storage: Optional[Storage] = None) -> dict:
         )  # fmt: skip
         trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, context=context), resources)
         tuner, restored = make_tuner(cfg, storage, trainable, concurrency, [sweep_progress(cells, already)])
-        say(STAGE, f"{cells} trials ({len(u.ratios)} ratios x {len(u.seeds)} seeds, {u.mode}), {already} already finished, "
+        say(STAGE, f"{cells} trials ({len(u.ratios)} ratio(s) x {len(u.seeds)} seed(s), {u.mode}), {already} already finished, "
             f"{concurrency} at once{', restored' if restored else ''}")  # fmt: skip
         grid = tuner.fit()
 

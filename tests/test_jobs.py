@@ -88,6 +88,18 @@ def test_prompts_job_writes_table_config_and_summary(tmp_path):
     assert config.startswith("# synth 0.1.0") and "oil painting" in config
 
 
+def test_job_output_is_one_line_per_event_and_verbose_is_a_flag(tmp_path):
+    quiet = run_job("prompts", SMOKE, f"storage.root={tmp_path}")
+    assert quiet.returncode == 0, quiet.stderr
+    lines = (quiet.stdout + quiet.stderr).splitlines()
+    assert len(lines) == 2 and lines[0].startswith("[prompts] 192 prompts for 6 classes"), lines
+    assert lines[1].startswith("[prompts] done in") and lines[1].endswith(f"{tmp_path}/smoke/prompts/summary.json"), lines
+    loud = run_job("prompts", "--verbose", SMOKE, f"storage.root={tmp_path}")
+    assert loud.returncode == 0, loud.stderr
+    assert '"rows": 192' in loud.stdout  # verbose: the whole summary, as JSON
+    assert "--verbose" in run_job("prompts", "--help").stdout
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """A `ray start --head` cluster in its own temp dir; stopped by killing its process group."""

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from synth.config import load_config
-from synth.model import ArchitectureMismatchError, architecture, build_model, load_model, predict_logits
-from synth.recipe import STATE_FILE, Budget, budget, classification_metrics, flip_and_crop, lr_factor, restore_state
+from synth.model import ArchitectureMismatchError, architecture, build_model, load_model
+from synth.recipe import STATE_FILE, Budget, budget, classification_metrics, flip_and_crop, lr_factor, predict, restore_state
 from synth.splits import Split, mix, read_split
 from synth.storage import Layout, Storage
 from synth.testkit import write_class_aware_dataset
@@ -141,7 +141,7 @@ def test_matrix_learns_and_writes_the_schema(matrix):
         assert m["classes"] == classes and m["architecture"] == architecture(6, 0.125)
         assert (m["steps"], m["batch_size"], m["num_workers"], m["train_images"]) == (24, 64, 1, 6 * 32)
         assert [h["epoch"] for h in m["history"]] == list(range(1, 9)) and m["history"][-1]["step"] == 24
-        assert set(m["history"][0]) == {"epoch", "step", "train_loss", "val_accuracy", "val_loss", "seconds"}
+        assert set(m["history"][0]) == {"epoch", "step", "train_loss", "val_accuracy", "val_loss", "seconds", "val_seconds"}
         assert m["history"][-1]["train_loss"] < m["history"][0]["train_loss"]
         assert m["val"]["accuracy"] > 0.8 and m["train_images_per_second"] > 0 and m["wall_seconds"] > 0
         assert set(m["test"]) == {"real", "synthetic", "mixture"}
@@ -155,7 +155,7 @@ def test_matrix_learns_and_writes_the_schema(matrix):
         # model.pt reproduces the stored real-test accuracy.
         model, stored_classes = load_model(storage.read_bytes(layout.train_model(experiment, 0)), expected=architecture(6, 0.125))
         test = read_split(storage, cfg.run, "real", "test", classes)
-        accuracy = (predict_logits(model, test.images, cfg.train.tta_level).argmax(1).numpy() == test.labels).mean()
+        accuracy = (predict(model, test.images, 256, cfg.train.tta_level, torch.device("cpu")) == test.labels).mean()
         assert stored_classes == classes and accuracy == pytest.approx(m["test"]["real"]["accuracy"])
     assert summary["cells_trained"] == 3 and set(summary["accuracy"]) == {"train-real", "train-synthetic", "train-mixture"}
     assert storage.read_json(layout.summary("train"))["cells_total"] == 3

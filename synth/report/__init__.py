@@ -48,6 +48,7 @@ from synth.report.plots import (
     plot_training_curves,
     plot_tune_curve,
 )
+from synth.progress import say
 from synth.runtime import code_version, write_stage_config, write_stage_summary
 from synth.stats import mean_std  # re-exported: synth.tune imports it from here
 from synth.storage import Layout, Storage
@@ -128,5 +129,5 @@ def run_report(cfg: Config, storage: Storage | None = None) -> dict:
         "notes": len(notes),
         "wall_seconds": round(time.perf_counter() - start, 3),
     }
-    log.info("report: %d models, %d plots -> %s", len(inputs.metrics), len(plots), summary["html"])
+    say(STAGE, f"{len(inputs.metrics)} models, {len(plots)} plots, {len(notes)} notes -> {summary['html']}")
     return write_stage_summary(storage, cfg, STAGE, summary)
