@@ -351,4 +351,4 @@ def test_generate_then_dataset_share_one_label_space(tmp_path, ray_local):
 
 def test_dataset_imports_no_later_stage():
     # Data flows generate -> dataset through storage; the code must not flow back through imports.
-    assert synth_imports(REPO / "synth" / "dataset.py") <= {"synth.config", "synth.images", "synth.storage", "synth.runtime"}
+    assert synth_imports(REPO / "synth" / "dataset.py") <= {"synth.config", "synth.images", "synth.progress", "synth.storage", "synth.runtime"}

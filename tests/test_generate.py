@@ -183,7 +183,8 @@ def test_killed_driver_then_rerun_completes_exactly_once(tmp_path, tiny_sd):
     assert 2 <= done_before < 24, "the kill must land mid-run"
     assert not storage.exists(layout.generate_manifest)
 
-    rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    loud = {**os.environ, "SYNTH_VERBOSE": "1"}  # Ray's own lines shown: whether it started can be read off them
+    rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=loud)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert RAY_STARTED in rerun.stderr + rerun.stdout  # so its absence below means something
     summary = storage.read_json(layout.summary("generate"))
@@ -191,7 +192,7 @@ def test_killed_driver_then_rerun_completes_exactly_once(tmp_path, tiny_sd):
     assert summary["shards_generated"] == 24 - done_before
     assert_complete(storage, 8)
 
-    finished = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=loud)
     assert finished.returncode == 0
     summary = storage.read_json(layout.summary("generate"))
     assert summary["shards_generated"] == 0 and summary["images_generated"] == 0
