@@ -278,7 +278,7 @@ def train_experiment(cfg: Config, storage: Storage, train_domain: str, seed: int
     storage.write_json(layout.train_metrics(experiment, seed), metrics.to_json())
     tested = ", ".join(f"{d} {100 * s['accuracy']:.1f}%" for d, s in metrics.test.items())
     say("train", f"{experiment} seed {seed}: val {100 * metrics.val['accuracy']:.1f}%, test {tested} "
-        f"({metrics.wall_seconds:.0f} s, of which training steps {metrics.train_seconds:.0f} s)")  # fmt: skip
+        f"({metrics.wall_seconds:.1f} s, of which training steps {metrics.train_seconds:.1f} s)")  # fmt: skip
     return metrics.to_json()
 
 

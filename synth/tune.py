@@ -595,5 +595,7 @@ def run_tune(cfg: Config, storage: Optional[Storage] = None) -> dict:
             f"{trial_tag(first['ratio'], first['seed'])}: {first['error'] or 'no result'}. Fix: see error.txt in its "
             f"folder under {document['experiment_path']}; rerun the same command to retry the failed trials"
         )
+    say(STAGE, f"{counts['completed']}/{cells} trials completed ({counts['stopped_early']} stopped early, "
+        f"{counts['error'] + counts['missing']} failed; {status}) in {summary['wall_seconds']:.1f} s -> {summary['results']}")  # fmt: skip
     say(STAGE, document["best_sentence"])
     return summary
