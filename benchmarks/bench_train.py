@@ -10,6 +10,11 @@ per-epoch validation and checkpoints, the final scoring with full test-time augm
 the cell's wall time (aim >= 0.9), and the rest broken down (validation, final scoring,
 everything else: Ray start-up, data placement, checkpoints).
 
+``--mode arithmetic``: training-step images/s of the core on this device for each torch thread
+count and ``train.precision`` (channels-last, as the core always runs), plus the memory layout
+alone (one fp32 forward + backward + SGD step of the same network, contiguous vs channels-last),
+all in one run, as ratios to fp32 contiguous on one thread.
+
 ``--mode loop``: images/s at steady state (epochs 2..E) of the training core
 (:class:`synth.recipe.Run`) in a plain process against the same core inside a Ray Train worker
 with a checkpoint and report every epoch; ``ray_over_plain`` is their ratio (aim >= 0.9).
@@ -19,6 +24,7 @@ with a checkpoint and report every epoch; ``ray_over_plain`` is their ratio (aim
     python benchmarks/bench_train.py --mode stage --images 27000 --val-images 3000 --test-images 6000 \\
         --width 0.5 --steps 200 --cpus 2          # a shorter CPU cell (~3 min)
     python benchmarks/bench_train.py --mode stage --images 4096 --steps 40 --width 0.25   # quick CPU check
+    python benchmarks/bench_train.py --mode arithmetic --images 4096 --width 0.5   # CPU, ~2 min
     python benchmarks/bench_train.py --mode loop --images 2048 --batch-size 256 --width 0.25 --epochs 4   # CPU, ~1 min
     python benchmarks/bench_train.py --mode stage                 # GPU: 45k/5k/10k images, width 1, 500 steps
 """
@@ -143,7 +149,7 @@ def ray_loop(hp: dict, data: tuple, num_workers: int, use_gpu: bool) -> dict:
     plan = budget(len(train[1]), hp["batch_size"], hp["steps"], num_workers)
     relay, ends, history = ProgressRelay(), [], []
     with tempfile.TemporaryDirectory() as folder:
-        config = worker_config(hp, 0, CLASSES, ray.put(train), ray.put(val), {}, "bench", relay.sink)
+        config = worker_config(hp, 0, CLASSES, ray.put(train), ray.put(val), {}, [], "bench", relay.sink)
         trainer = make_trainer(config, num_workers=num_workers, use_gpu=use_gpu, name="bench-train", storage_path=folder)
         start = time.time()
 
@@ -152,6 +158,7 @@ def ray_loop(hp: dict, data: tuple, num_workers: int, use_gpu: bool) -> dict:
             history.append(record)
 
         relay.run(trainer.fit, on_epoch)
+        relay.close()
     per_epoch = plan.steps_per_epoch * plan.per_rank_batch
     return {
         "first_report_after_seconds": ends[0] - start,
@@ -182,16 +189,72 @@ def bench_loop(args, device: torch.device) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------------
+# arithmetic: threads x precision through the core, and the layout alone
+# --------------------------------------------------------------------------------------------
+
+
+def _core_steps_per_second(hp: dict, data: tuple, device: torch.device, threads: int) -> float:
+    """Images/s of the core's optimizer steps, epochs 2..E (the first pays for warm-up)."""
+    run = Run(hp, len(CLASSES), 0, device, data[0], data[1], config_hash="bench", threads=threads)
+    history = list(run.fit())
+    return run.budget.steps_per_epoch * run.budget.per_rank_batch * (len(history) - 1) / sum(h["seconds"] for h in history[1:])
+
+
+def _layout_steps_per_second(width: float, batch: int, device: torch.device, channels_last: bool, steps: int = 4) -> float:
+    """Images/s of a plain fp32 forward + backward + SGD step, contiguous or channels-last (first step excluded)."""
+    import torch.nn.functional as F
+
+    from synth.model import build_model
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(len(CLASSES), width).to(device).to(memory_format=fmt)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.rand(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, len(CLASSES), (batch,), device=device)
+    seconds = []
+    for _ in range(steps + 1):
+        tick = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seconds.append(time.perf_counter() - tick)
+    return batch * steps / sum(seconds[1:])
+
+
+def bench_arithmetic(args, device: torch.device) -> dict:
+    data = (random_split(args.images, 1), random_split(args.val_images, 2))
+    steps = args.epochs * budget(args.images, args.batch_size, 1).steps_per_epoch
+    thread_counts = (1, 2) if device.type == "cpu" else (None,)
+    rows = []
+    for threads in thread_counts:
+        if threads:
+            torch.set_num_threads(threads)
+        for contiguous in (True, False):
+            rows.append({"threads": threads, "precision": "float32", "layout": "contiguous" if contiguous else "channels_last",
+                         "path": "plain step", "images_per_second": _layout_steps_per_second(args.width, args.batch_size, device, not contiguous)})  # fmt: skip
+        for precision in ("float32", "bfloat16"):
+            hp = to_dict(TrainConfig(width=args.width, batch_size=args.batch_size, steps=steps, precision=precision))
+            rows.append({"threads": threads, "precision": precision, "layout": "channels_last", "path": "synth.recipe",
+                         "images_per_second": _core_steps_per_second(hp, data, device, threads)})  # fmt: skip
+    base = rows[0]["images_per_second"]
+    for row in rows:
+        row["images_per_second"] = round(row["images_per_second"], 1)
+        row["over_fp32_contiguous_1_thread"] = round(row["images_per_second"] / base, 2)
+    return {"rows": rows, "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) if device.type == "cpu" else True}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("stage", "loop"), default="stage")
+    parser.add_argument("--mode", choices=("stage", "arithmetic", "loop"), default="stage")
     parser.add_argument("--images", type=int, default=45_000, help="training images (random)")
     parser.add_argument("--val-images", type=int, default=5_000)
     parser.add_argument("--test-images", type=int, default=10_000, help="stage mode: test images (scored once, full TTA)")
     parser.add_argument("--batch-size", type=int, default=1024, help="global batch, as train.batch_size")
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=500, help="stage mode: train.steps")
-    parser.add_argument("--epochs", type=int, default=6, help="loop mode: epochs per side; the first is excluded")
+    parser.add_argument("--epochs", type=int, default=6, help="loop / arithmetic mode: epochs per run; the first is excluded")
     parser.add_argument("--cpus", type=int, default=1, help="stage mode: train.cpus_per_worker (torch threads on a CPU)")
     parser.add_argument("--epoch-val-images", type=int, default=None, help="stage mode: train.epoch_val_images (default: all)")
     parser.add_argument("--num-workers", type=int, default=1, help="loop mode: Ray Train workers")
@@ -200,7 +263,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = _device(args.device)
-    result = bench_stage(args, device) if args.mode == "stage" else bench_loop(args, device)
+    result = {"stage": bench_stage, "arithmetic": bench_arithmetic, "loop": bench_loop}[args.mode](args, device)
     import ray
 
     result = {

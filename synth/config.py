@@ -323,7 +323,7 @@ def resolve_paths(cfg: Config) -> Config:
     """
     from synth.storage import local_root
 
-    if not cfg.storage.root.startswith("s3://") and "://" not in cfg.storage.root:
+    if "://" not in cfg.storage.root:  # s3:// (or any URI) stays as given
         cfg.storage.root = local_root(cfg.storage.root)
     return cfg
 

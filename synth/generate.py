@@ -470,9 +470,10 @@ def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
     if todo:
         init_ray(cfg.ray)
         first: Optional[tuple[int, float]] = None  # (images, time) when the first shard landed: start-up excluded
+        made_so_far = 0
         for result in run_ray_generation(storage, cfg.run, gen_cfg, cfg.prompts.classes, todo):
             results.append(result)
-            made_so_far, now = int(sum(r["images"] for r in results)), time.perf_counter()
+            made_so_far, now = made_so_far + int(result["images"]), time.perf_counter()
             first = first or (made_so_far, now)
             if made_so_far > first[0]:
                 say("generate", rate(made_so_far, to_make, now - first[1], "images", since=first[0]), progress=True)

@@ -24,7 +24,7 @@ Parameters (``count_parameters``), roughly quadratic in ``width``:
     width 0.125,  6 classes:    33,048 (the CPU test size)
 
 The model takes float images in [0, 1], (B, 3, H, W); normalisation happens inside, so saved
-weights are all a caller needs for inference (:func:`load_model`, :func:`predict_logits`).
+weights are all a caller needs for inference (:func:`load_model`, then :func:`synth.recipe.logits`).
 """
 
 from __future__ import annotations
@@ -235,33 +235,3 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
     padded = F.pad(x, (1, 1, 1, 1), mode="reflect")  # (B, 3, H+2, W+2)
     shifted = 0.5 * mirror(padded[:, :, 0:h, 0:w]) + 0.5 * mirror(padded[:, :, 2 : h + 2, 2 : w + 2])
     return 0.5 * mirror(x) + 0.5 * shifted
-
-
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module,
-    images: np.ndarray | torch.Tensor,
-    tta_level: int = 2,
-    batch_size: int = 1024,
-    device: str | torch.device = "cpu",
-) -> torch.Tensor:
-    """Float32 logits (N, K) on CPU for uint8 images (N, H, W, 3), in eval mode, batched.
-
-    bf16 autocast on CUDA (as in training); fp32 elsewhere.
-    """
-    device = torch.device(device)
-    model = model.to(device).eval()
-    out = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        # A copy per batch: arrays from Ray's object store are read-only, which torch warns about.
-        batch = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.array(batch))
-        x = batch.to(device).permute(0, 3, 1, 2).float() / 255.0  # (b, 3, H, W)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            out.append(tta_logits(model, x, tta_level).float().cpu())
-    if not out:
-        return torch.empty(0, getattr(model, "signature", {}).get("num_classes", 0))
-    return torch.cat(out)

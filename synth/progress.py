@@ -64,7 +64,8 @@ class ProgressRelay:
     """A queue from Ray workers to the driver; :meth:`run` calls a blocking function meanwhile.
 
     ``sink`` (a ``ray.util.queue.Queue``, picklable) goes to the workers, which ``put`` small
-    dicts; the driver's :meth:`run` hands each one to ``on_item`` as it arrives.
+    dicts; the driver's :meth:`run` hands each one to ``on_item`` as it arrives. One relay serves
+    any number of :meth:`run` calls; :meth:`close` releases its actor.
     """
 
     def __init__(self):
@@ -86,21 +87,18 @@ class ProgressRelay:
 
         worker = threading.Thread(target=target, daemon=True)
         worker.start()
-        try:
-            while worker.is_alive():
-                try:
-                    on_item(self.sink.get(timeout=0.5))
-                except Empty:
-                    pass
-            while not self.sink.empty():
-                on_item(self.sink.get_nowait())
-        finally:
-            self._close()
+        while worker.is_alive():
+            try:
+                on_item(self.sink.get(timeout=0.5))
+            except Empty:
+                pass
+        while not self.sink.empty():  # what the last epochs put before the call returned
+            on_item(self.sink.get_nowait())
         if "error" in outcome:
             raise outcome["error"]
         return outcome["value"]
 
-    def _close(self) -> None:
+    def close(self) -> None:
         try:
             self.sink.shutdown()
         except Exception:  # the queue's actor is gone already; nothing to release

@@ -224,17 +224,27 @@ def evaluate(
 
 
 @torch.no_grad()
-def predict(
+def logits(
     model: nn.Module, images: np.ndarray, batch_size: int, tta_level: int, device: torch.device, precision: str = "auto"
-) -> np.ndarray:
-    """Predicted labels (N,) for uint8 (N, H, W, 3) images, moved to the device a batch at a time."""
+) -> torch.Tensor:
+    """Float32 logits (N, K) on the CPU for uint8 (N, H, W, 3) images, moved to the device a batch at a time.
+
+    The one inference path: the final scores, and any caller of a saved model (:func:`synth.model.load_model`).
+    """
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = _as_input(to_device_images(images[start : start + batch_size], device))
         with autocast(device, precision):
-            out.append(tta_logits(model, x, tta_level).float().argmax(1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+            out.append(tta_logits(model, x, tta_level).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, getattr(model, "signature", {}).get("num_classes", 0))
+
+
+def predict(
+    model: nn.Module, images: np.ndarray, batch_size: int, tta_level: int, device: torch.device, precision: str = "auto"
+) -> np.ndarray:
+    """Predicted labels (N,) of :func:`logits`."""
+    return logits(model, images, batch_size, tta_level, device, precision).argmax(1).numpy()
 
 
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray, classes: Sequence[str]) -> dict:

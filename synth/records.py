@@ -19,7 +19,8 @@ class RecordError(ValueError):
     """A stored record does not have the shape its writer gives it."""
 
 
-def _is_fraction(x: Any) -> bool:
+def is_fraction(x: Any) -> bool:
+    """A finite number in [0, 1] (not a bool): an accuracy or a share."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0.0 <= x <= 1.0
 
 
@@ -29,7 +30,7 @@ def _is_int(x: Any) -> bool:
 
 def _check_scores(scores: Any, name: str, k: Optional[int]) -> None:
     """A scores object: ``{accuracy, n, per_class?, confusion_matrix?}`` (see recipe.classification_metrics)."""
-    if not isinstance(scores, dict) or not _is_fraction(scores.get("accuracy")):
+    if not isinstance(scores, dict) or not is_fraction(scores.get("accuracy")):
         raise RecordError(f"{name}.accuracy is missing or not in [0, 1]")
     cm = scores.get("confusion_matrix")
     if cm is not None and k is not None:
@@ -171,7 +172,7 @@ class TrialRecord:
     @classmethod
     def from_json(cls, obj: Any) -> "TrialRecord":
         r = _require_keys(obj, ("experiment", "ratio", "seed", "trial_hash", "classes", "val", "test", "final", "history"))
-        if not _is_fraction(r["ratio"]) or not _is_int(r["seed"]):
+        if not is_fraction(r["ratio"]) or not _is_int(r["seed"]):
             raise RecordError(f"ratio={r['ratio']!r}, seed={r['seed']!r} do not name a trial")
         _check_scores(r["val"], "val", len(r["classes"]))
         for domain, scores in r["test"].items():
@@ -223,7 +224,7 @@ class TuneRow:
         r = _require_keys(obj, ("ratio", "seed", "status"))
         if r["status"] not in TRIAL_STATUSES:
             raise RecordError(f"status={r['status']!r} is not one of {', '.join(TRIAL_STATUSES)}")
-        if r["status"] == "completed" and not _is_fraction(r.get("val_real_accuracy")):
+        if r["status"] == "completed" and not is_fraction(r.get("val_real_accuracy")):
             raise RecordError(f"a completed row (ratio {r['ratio']}, seed {r['seed']}) has no val_real_accuracy")
         return cls(**_known(cls, r))
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from synth.config import Config, TrainConfig, to_dict
-from synth.model import model_bytes
+from synth.model import architecture, model_bytes
 from synth.progress import ProgressRelay, say
 from synth.recipe import STATE_FILE, Run, budget, result_hash
 from synth.records import TrainMetrics
@@ -70,7 +70,8 @@ def train_loop_per_worker(config: dict) -> Optional[dict]:
     ``classes``, ``config_hash``, ``train`` / ``val``: object refs to ``(images uint8 (N, H, W, 3),
     labels int64 (N,))``, ``tests``: ``{domain: ref}`` of the test splits, and ``progress``: an
     optional :class:`synth.progress.ProgressRelay` sink. Rank 0 returns (Ray keeps rank 0's
-    value) ``{"scores", "model", "progress", "train_seconds"}``; other ranks return None.
+    value) the scores, the model's bytes, its progress and its timings (steps, scoring, when it
+    started and finished); other ranks return None.
     """
     import ray
     import ray.train  # [ray]
@@ -130,15 +131,18 @@ def config_hash(cfg: Config, train_domain: str, seed: int) -> str:
 
 
 def worker_config(
-    hp: TrainConfig | dict, seed: int, classes: list[str], train_ref, val_ref, tests: dict, cfg_hash: str = "",
-    progress=None, threads: Optional[int] = None,
+    hp: TrainConfig | dict, seed: int, classes: list[str], train_ref, val_ref, tests: dict, test_domains: list[str],
+    cfg_hash: str = "", progress=None, threads: Optional[int] = None,
 ) -> dict:  # fmt: skip
-    """The ``train_loop_config`` :func:`train_loop_per_worker` expects (refs from ``ray.put``)."""
+    """The ``train_loop_config`` :func:`train_loop_per_worker` expects (refs from ``ray.put``).
+
+    ``tests``: ``{domain: ref}`` of the stored test splits that ``test_domains`` need (a union
+    domain such as "mixture" is scored from its parts).
+    """
     hp = to_dict(hp) if dataclasses.is_dataclass(hp) else dict(hp)
     return {
         "hp": hp, "seed": seed, "classes": list(classes), "config_hash": cfg_hash, "train": train_ref, "val": val_ref,
-        "tests": tests, "test_domains": list(tests) + [u for u in UNIONS if set(UNIONS[u]) <= set(tests)],
-        "progress": progress, "threads": threads,
+        "tests": tests, "test_domains": list(test_domains), "progress": progress, "threads": threads,
     }  # fmt: skip
 
 
@@ -197,8 +201,14 @@ def _cell_line(experiment: str, seed: int, record: dict) -> str:
     )
 
 
-def train_experiment(cfg: Config, storage: Storage, train_domain: str, seed: int, data: Optional[SplitCache] = None) -> dict:
-    """Train one cell (or resume it), score it, store ``model.pt`` and ``metrics.json``; returns the metrics."""
+def train_experiment(
+    cfg: Config, storage: Storage, train_domain: str, seed: int, data: Optional[SplitCache] = None,
+    relay: Optional[ProgressRelay] = None,
+) -> dict:  # fmt: skip
+    """Train one cell (or resume it), score it, store ``model.pt`` and ``metrics.json``; returns the metrics.
+
+    ``data`` and ``relay`` (the progress queue from the worker) may be shared by the cells of a stage.
+    """
     import ray
 
     from synth.runtime import code_version
@@ -222,11 +232,12 @@ def train_experiment(cfg: Config, storage: Storage, train_domain: str, seed: int
     #    checkpoint and get_checkpoint() hands it to the workers, so a killed driver resumes.
     use_gpu = _resolve_use_gpu(t.use_gpu)
     storage_path, filesystem = storage.ray_storage(layout.train_ray_results(experiment, seed))
-    tests = {d: ray.put(data.get(d, "test").arrays()) for d in ("real", "synthetic") if d in _stored_tests(t.test_domains)}
-    relay = ProgressRelay()
+    tests = {d: ray.put(data.get(d, split).arrays()) for d, split in sorted(needed_splits([], t.test_domains))}
+    own_relay = relay is None
+    relay = relay or ProgressRelay()
     trainer = make_trainer(
-        worker_config(t, seed, classes, ray.put(train.arrays()), ray.put(val.arrays()), tests, cfg_hash, relay.sink,
-                      threads=max(1, int(t.cpus_per_worker))),
+        worker_config(t, seed, classes, ray.put(train.arrays()), ray.put(val.arrays()), tests, t.test_domains, cfg_hash,
+                      relay.sink, threads=max(1, int(t.cpus_per_worker))),
         num_workers=t.num_workers,
         use_gpu=use_gpu,
         cpus_per_worker=t.cpus_per_worker,
@@ -238,7 +249,11 @@ def train_experiment(cfg: Config, storage: Storage, train_domain: str, seed: int
     )
     log.debug("train: %s seed %d on %d worker(s), gpu=%s -> %s", experiment, seed, t.num_workers, use_gpu, storage_path)
     fit_called = time.time()
-    result = relay.run(trainer.fit, lambda record: say("train", _cell_line(experiment, seed, record), progress=True))
+    try:
+        result = relay.run(trainer.fit, lambda record: say("train", _cell_line(experiment, seed, record), progress=True))
+    finally:
+        if own_relay:
+            relay.close()
     fit_returned = time.time()
     if result.error is not None:
         raise result.error
@@ -256,7 +271,7 @@ def train_experiment(cfg: Config, storage: Storage, train_domain: str, seed: int
         classes=classes,
         test={d: scores[d] for d in t.test_domains},
         val=scores["val"],
-        architecture=_signature(cfg),
+        architecture=architecture(len(classes), t.width),
         steps=t.steps,
         batch_size=t.batch_size,
         train_images=len(train),
@@ -280,16 +295,6 @@ def train_experiment(cfg: Config, storage: Storage, train_domain: str, seed: int
     say("train", f"{experiment} seed {seed}: val {100 * metrics.val['accuracy']:.1f}%, test {tested} "
         f"({metrics.wall_seconds:.1f} s, of which training steps {metrics.train_seconds:.1f} s)")  # fmt: skip
     return metrics.to_json()
-
-
-def _stored_tests(test_domains) -> set[str]:
-    return {p for d in test_domains for p in UNIONS.get(d, (d,))}
-
-
-def _signature(cfg: Config) -> dict:
-    from synth.model import architecture
-
-    return architecture(len(cfg.prompts.classes), cfg.train.width)
 
 
 # ============================================================================================
@@ -352,8 +357,12 @@ def run_train(cfg: Config, storage: Optional[Storage] = None) -> dict:
     if todo:
         data = SplitCache(storage, cfg.run, list(cfg.prompts.classes)).load(needed_splits({d for d, _ in todo}, t.test_domains))
         init_ray(cfg.ray)
-        for d, s in todo:
-            results[(d, s)] = train_experiment(cfg, storage, d, s, data=data)
+        relay = ProgressRelay()  # one queue actor for every cell
+        try:
+            for d, s in todo:
+                results[(d, s)] = train_experiment(cfg, storage, d, s, data=data, relay=relay)
+        finally:
+            relay.close()
 
     # 4. Summary.
     ordered = [results[c] for c in cells]

@@ -63,8 +63,8 @@ from typing import Any, Optional
 from synth.config import Config, TuneConfig, to_dict, validate
 from synth.progress import say, verbose
 from synth.recipe import STATE_FILE, Run, budget, result_hash
-from synth.records import TrialRecord, TuneRow
-from synth.splits import Split, SplitCache, composition, mix
+from synth.records import RecordError, TrialRecord, TuneRow
+from synth.splits import SplitCache, composition, mix
 from synth.stats import mean_std
 from synth.storage import Layout, Storage, trial_tag
 
@@ -81,11 +81,6 @@ TUNE_RECIPE = ("ratios", "seeds", "mode", "asha", "asha_grace_steps", "asha_redu
 # ============================================================================================
 # 1. Trial: which images a trial trains on, and the plain-PyTorch loop Tune runs
 # ============================================================================================
-
-
-def training_set(real: Split, synthetic: Split, ratio: float, mode: str, seed: int) -> Split:
-    """The trial's training images: :func:`synth.splits.mix` -- the train stage's mixture rule, at every r."""
-    return mix(real, synthetic, ratio, seed, mode)
 
 
 # The stored splits a sweep reads (decoded once on the driver, shared with every trial): the
@@ -113,8 +108,6 @@ def trial_hash(sweep_hash: str, ratio: float, seed: int) -> str:
 
 def read_record(storage: Storage, key: str, expected_hash: str) -> Optional[TrialRecord]:
     """A finished trial's record made with this config, else None (absent, unreadable, stale or malformed)."""
-    from synth.records import RecordError
-
     obj = storage.read_json_or_none(key)
     if not isinstance(obj, dict) or obj.get("trial_hash") != expected_hash:
         return None
@@ -153,7 +146,7 @@ def train_trial(config: dict, data: SplitCache, context: TrialContext) -> None:
 
     # 1. The training core on this trial's set, on the trial's device (a GPU when Tune gave it one).
     real, synthetic, real_val = data.get("real", "train"), data.get("synthetic", "train"), data.get("real", "val")
-    train = training_set(real, synthetic, ratio, context.mode, seed)
+    train = mix(real, synthetic, ratio, seed, context.mode)  # the train stage's mixing rule, at every r
     n_real, n_synthetic = composition(len(real), len(synthetic), ratio, context.mode)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run = Run(hp, len(context.classes), seed, device, train.arrays(), real_val.arrays(), this_hash, threads=context.threads)

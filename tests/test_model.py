@@ -13,9 +13,9 @@ from synth.model import (
     count_parameters,
     load_model,
     model_bytes,
-    predict_logits,
     tta_logits,
 )
+from synth.recipe import logits
 
 
 @pytest.mark.parametrize("width,size,batch", [(0.125, 32, 4), (0.25, 32, 1), (0.125, 16, 3), (0.125, 64, 2)])
@@ -80,7 +80,8 @@ def test_saved_model_round_trip_and_mismatch():
     loaded, classes = load_model(blob, expected=architecture(3, 0.125))
     assert classes == ["a", "b", "c"]
     images = (torch.rand(5, 32, 32, 3) * 255).to(torch.uint8).numpy()  # (N, H, W, 3) uint8
-    assert torch.allclose(predict_logits(model, images, 2, 2), predict_logits(loaded, images, 2, 4), atol=1e-5)
+    cpu = torch.device("cpu")  # batch sizes 2 and 4: batching must not change a logit
+    assert torch.allclose(logits(model, images, 2, 2, cpu, "float32"), logits(loaded, images, 4, 2, cpu, "float32"), atol=1e-5)
     with pytest.raises(ArchitectureMismatchError, match=r"width: 0\.125 there, 0\.25 here"):
         load_model(blob, expected=architecture(3, 0.25))
     with pytest.raises(ArchitectureMismatchError, match="num_classes"):

@@ -30,7 +30,7 @@ from conftest import REPO
 from ray_jobs._cli import main as cli_main
 from synth.config import ConfigError, TuneConfig, load_config
 from synth.storage import Layout, Storage
-from synth.splits import Split, composition
+from synth.splits import Split, composition, mix
 from synth.testkit import class_pattern_image, write_cifar10_fixture, write_dataset_split
 from synth.tune import (
     best_ratio,
@@ -40,7 +40,6 @@ from synth.tune import (
     ratio_table,
     run_tune,
     sweep_plan,
-    training_set,
 )
 
 CLASSES = ["bird", "cat", "deer", "dog", "frog", "horse"]
@@ -100,7 +99,7 @@ def sweep(root, real_fixture, ray_local):
 # -- building blocks (no Ray) ------------------------------------------------------------------
 
 
-def test_composition_and_training_set():
+def test_composition_and_augment_mix():
     assert composition(100, 80, 0.25, "fixed_budget") == (60, 20)  # N = min(100, 80)
     assert composition(100, 80, 0.0, "fixed_budget") == (80, 0)
     assert composition(100, 80, 1.0, "fixed_budget") == (0, 80)
@@ -110,13 +109,10 @@ def test_composition_and_training_set():
 
     real = Split(np.zeros((100, 4, 4, 3), np.uint8), np.arange(100) % 6, np.array([f"r{i}" for i in range(100)]))
     synthetic = Split(np.ones((80, 4, 4, 3), np.uint8), np.arange(80) % 6, np.array([f"s{i}" for i in range(80)]))
-    sets = {r: training_set(real, synthetic, r, "fixed_budget", seed=3) for r in (0.25, 0.5)}
-    for r, s in sets.items():
-        assert len(s) == 80 and int(s.images[:, 0, 0, 0].sum()) == round(r * 80)  # fixed size, r synthetic
-    again = training_set(real, synthetic, 0.25, "fixed_budget", seed=3)
-    assert np.array_equal(again.images, sets[0.25].images) and np.array_equal(again.labels, sets[0.25].labels)
-    other = training_set(real, synthetic, 0.25, "fixed_budget", seed=4)
-    assert not np.array_equal(other.labels, sets[0.25].labels)  # the seed draws other images
+    # fixed_budget draws are tested with the rule itself (test_train); augment keeps every real image.
+    augmented = mix(real, synthetic, 0.5, seed=3, mode="augment")
+    assert len(augmented) == 150 and int(augmented.images[:, 0, 0, 0].sum()) == 50
+    assert {i for i in augmented.ids if i.startswith("r")} == {f"r{i}" for i in range(100)}
 
 
 def test_plan_resources_scheduler_and_table():

@@ -50,13 +50,12 @@ from synth.report.plots import (
 )
 from synth.progress import say
 from synth.runtime import code_version, write_stage_config, write_stage_summary
-from synth.stats import mean_std  # re-exported: synth.tune imports it from here
 from synth.storage import Layout, Storage
 
 __all__ = [
     "STAGE", "run_report", "ReportInputError", "Inputs", "load_inputs", "load_train_metrics", "load_tune_results",
     "aggregate", "choose_samples", "flatten_summary", "gap_sentence", "mixture_sentence", "training_runs",
-    "transfer_gap", "validate_metrics", "mean_std", "draw_plots", "plot_accuracy_matrix", "plot_confusion",
+    "transfer_gap", "validate_metrics", "draw_plots", "plot_accuracy_matrix", "plot_confusion",
     "plot_sample_grid", "plot_training_curves", "plot_tune_curve", "Code", "Group", "Heading", "Para", "Plot",
     "Table", "render_html", "render_markdown", "build_blocks", "report_notes", "tune_blocks",
 ]  # fmt: skip

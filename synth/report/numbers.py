@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from synth.records import TrainMetrics
+from synth.records import TrainMetrics, is_fraction
 from synth.stats import seed_stat
 
 # The canonical axes of the headline matrix, in reading order; other domains found in the
@@ -54,10 +54,6 @@ def validate_metrics(m: Any) -> None:
     The checks are :meth:`synth.records.TrainMetrics.from_json`'s: the writer's own record type.
     """
     TrainMetrics.from_json(m)
-
-
-def _is_fraction(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0.0 <= x <= 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +130,7 @@ def aggregate(metrics_list: Sequence[dict]) -> dict:
     per_class: dict[str, dict] = {}
     for train in train_domains:
         runs = by_train[train]
-        vals = [(m["val"]["accuracy"], m["seed"]) for m in runs if _is_fraction((m.get("val") or {}).get("accuracy"))]
+        vals = [(m["val"]["accuracy"], m["seed"]) for m in runs if is_fraction((m.get("val") or {}).get("accuracy"))]
         if vals:
             val_accuracy[train] = seed_stat([v for v, _ in vals], [s for _, s in vals])
         matrix[train], confusion[train], per_class[train] = {}, {}, {}
