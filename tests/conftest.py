@@ -106,3 +106,32 @@ def ray_local():
     init_ray(RayConfig(local_num_cpus=4))
     yield
     ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# The fault campaign's figures: each fault test records what it measured, printed after the run
+# --------------------------------------------------------------------------------------------
+
+_FAULT_FIGURES: list[tuple[str, dict]] = []
+
+
+@pytest.fixture
+def fault_figures(request):
+    """Record a fault test's figures: ``fault_figures(missing=0, duplicated=0, ...)``.
+
+    Printed in the terminal summary as one line per test, so CI's log shows what each injected
+    fault cost (images missing or duplicated, epochs recomputed, accuracy against an unfaulted run).
+    """
+
+    def record(**figures) -> None:
+        _FAULT_FIGURES.append((request.node.name, figures))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _FAULT_FIGURES:
+        return
+    terminalreporter.section("fault campaign figures")
+    for name, figures in _FAULT_FIGURES:
+        terminalreporter.write_line(f"{name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
