@@ -39,6 +39,9 @@ class StorageConfig:
     # Endpoint for S3-compatible servers (MinIO, moto, Ceph); None uses AWS or $AWS_ENDPOINT_URL.
     s3_endpoint_url: Optional[str] = None
     s3_region: Optional[str] = None
+    # How long one S3 operation keeps retrying transient failures (connection refused or reset,
+    # timeouts, 5xx, throttling) with exponential backoff before the stage stops with an error.
+    retry_seconds: float = 120.0
 
 
 @dataclass
@@ -362,6 +365,9 @@ def class_slug(name: str) -> str:
 def validate(cfg: Config) -> None:
     _require(bool(_RUN_NAME.match(cfg.run)), "run", cfg.run, "use letters, digits, '.', '_' or '-' (at most 100)")
     _require(bool(cfg.storage.root.strip()), "storage.root", cfg.storage.root, "give a local folder or s3://bucket/prefix")
+    _require(
+        0 <= cfg.storage.retry_seconds <= 86400, "storage.retry_seconds", cfg.storage.retry_seconds, "give 0 to 86400 seconds"
+    )
     _require(cfg.ray.local_num_cpus >= 1, "ray.local_num_cpus", cfg.ray.local_num_cpus, "must be at least 1")
 
     p = cfg.prompts

@@ -48,6 +48,7 @@ import pyarrow as pa
 from synth.config import Config, ConfigError, DatasetConfig, StorageConfig, class_slug
 from synth.images import decode_png, encode_png
 from synth.progress import say
+from synth.shards import META_PLAN, check_shard
 from synth.storage import Layout, Storage
 
 log = logging.getLogger(__name__)
@@ -433,11 +434,14 @@ def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
             "or build only the real domain with dataset.domains=[real]"
         )
     manifest = storage.read_parquet(layout.generate_manifest, columns=["id", "class_name", "shard"])
+    plan = (manifest.schema.metadata or {}).get(META_PLAN, b"").decode()
     by_class: dict[str, list[str]] = defaultdict(list)
     shard_of: dict[str, int] = {}
+    ids_of: dict[int, list[str]] = defaultdict(list)  # in manifest order, which is each shard's order
     for image_id, class_name, shard in zip(*(manifest.column(c).to_pylist() for c in ("id", "class_name", "shard"))):
         by_class[class_name].append(image_id)
         shard_of[image_id] = int(shard)
+        ids_of[int(shard)].append(image_id)
 
     # Labels come from the class name, so a generate run with another class order still lines up.
     ours = {class_slug(c): label for label, c in enumerate(cfg.prompts.classes)}
@@ -470,12 +474,19 @@ def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
     wanted = {item.id: item for items in splits.values() for item in items}
     for shard in sorted({shard_of[i] for i in wanted}):
         key = layout.generate_shard(shard)
-        if not storage.exists(key):
+        try:
+            check = check_shard(storage.read_bytes(key), shard, plan, ids_of[shard])
+        except FileNotFoundError:
             raise ConfigError(
                 f"the generate manifest lists images in {storage.uri(key)}, which is missing. Fix: rerun the "
                 "generate stage for this run (it remakes only missing shards)"
+            ) from None
+        if not check.ok:
+            raise ConfigError(
+                f"the generate shard {storage.uri(key)} {check.reason}. Fix: rerun the generate stage for this run "
+                "(it checks every shard and remakes bad ones), then this stage"
             )
-        table = storage.read_parquet(key, columns=["id", "image"])
+        table = check.table
         for image_id, data in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
             if image_id in wanted:
                 wanted[image_id].data = data

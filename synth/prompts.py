@@ -90,28 +90,54 @@ def build_prompt_table(cfg: Config) -> pa.Table:
 
 
 def run_prompts(cfg: Config, storage=None) -> dict:
-    """Write the prompt table, its config and summary; returns the summary."""
+    """Claim the prompt table (or find the same one stored), write its config and summary; returns the summary."""
     from synth.storage import Storage
 
     storage = storage or Storage.from_config(cfg.storage)
     storage.check_writable()
-    return _write_prompt_table(cfg, storage, build_prompt_table(cfg))
+    table = build_prompt_table(cfg)
+    _claim_prompt_table(cfg, storage, table)
+    return _write_prompt_summary(cfg, storage, table)
 
 
-def _write_prompt_table(cfg: Config, storage, table: pa.Table) -> dict:
+def _claim_prompt_table(cfg: Config, storage, expected: pa.Table) -> bool:
+    """Store ``expected`` as the run's prompt table unless one is there (atomically); True if this call stored it.
+
+    A stored table must be the same one: images, plan and manifest of the run all refer to it,
+    so a table built from another prompts config is refused, never overwritten.
+    """
+    from synth.storage import Layout, parquet_bytes
+
+    key = Layout(cfg.run).prompts_table
+    if storage.create(key, parquet_bytes(expected)):
+        return True
+    try:
+        same = storage.read_parquet(key).equals(expected)
+    except (pa.ArrowException, OSError):
+        raise ValueError(
+            f"the stored prompt table {storage.uri(key)} is unreadable. Fix: delete it and rerun (it is rebuilt "
+            "from the config; the generate stage checks it against the plan its images were made under)"
+        ) from None
+    if not same:
+        raise ValueError(
+            f"the stored prompt table {storage.uri(key)} was built from a different prompts "
+            "config than the one given now. Fix: pass the config that built it, or choose a new run name (run=...)"
+        )
+    return False
+
+
+def _write_prompt_summary(cfg: Config, storage, table: pa.Table) -> dict:
     import time
     from collections import Counter
 
+    from synth.progress import say
     from synth.runtime import write_stage_config, write_stage_summary
     from synth.storage import Layout
 
     start = time.perf_counter()
     layout = Layout(cfg.run)
     write_stage_config(storage, cfg, "prompts")
-    storage.write_parquet(layout.prompts_table, table)
     techniques = Counter(table.column("technique").to_pylist())
-    from synth.progress import say
-
     shares = ", ".join(f"{n:,} {t}" for t, n in sorted(techniques.items()))
     say("prompts", f"{table.num_rows:,} prompts for {len(cfg.prompts.classes)} classes ({shares}) -> {storage.uri(layout.prompts_table)}")
     return write_stage_summary(
@@ -131,19 +157,8 @@ def _write_prompt_table(cfg: Config, storage, table: pa.Table) -> dict:
 
 
 def ensure_prompt_table(cfg: Config, storage) -> pa.Table:
-    """The stored prompt table, written first if this run has none; refuses a stale one."""
-    from synth.storage import Layout
-
-    layout = Layout(cfg.run)
+    """The run's prompt table: claimed now (with the prompts stage's config and summary) or the same one stored."""
     expected = build_prompt_table(cfg)
-    if not storage.exists(layout.prompts_table):
-        _write_prompt_table(cfg, storage, expected)
-        return expected
-    stored = storage.read_parquet(layout.prompts_table)
-    if not stored.equals(expected):
-        raise ValueError(
-            f"the stored prompt table {storage.uri(layout.prompts_table)} was built from a different prompts "
-            "config than the one given now. Fix: rerun the prompts stage with this config "
-            "(python -m ray_jobs.prompts <config>) or pass the config that built it"
-        )
-    return stored
+    if _claim_prompt_table(cfg, storage, expected):
+        _write_prompt_summary(cfg, storage, expected)
+    return expected

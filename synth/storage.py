@@ -9,6 +9,19 @@ Atomicity:
   and :meth:`Storage.list` never returns.
 - S3: a single ``PutObject`` is atomic (readers see the old object or the new one, never a part).
 
+Claims (:meth:`Storage.create`): write only if nothing is there, as one atomic step, so two
+drivers racing for the same key cannot both win:
+- local: the fsynced partial file is hard-linked to the key (``link`` fails if the key exists);
+- S3: ``PutObject`` with ``If-None-Match: *`` (AWS S3, MinIO, moto); a server that ignores or
+  refuses the condition (found by :meth:`Storage.check_writable`'s probe) gets the weaker
+  fallback: check, write, read back and compare, which catches most races but not all.
+
+Transient S3 failures (connection refused or reset, timeouts, 5xx, throttling) are retried with
+exponential backoff for ``storage.retry_seconds`` per operation, on top of botocore's own
+standard retry mode; after that the operation raises :class:`StorageError` with one line that
+names the fix. Local folders are not retried: their errors (a full disk, a read-only mount) do
+not go away by waiting.
+
 A ``Storage`` is picklable (it holds the root and endpoint, and creates its client lazily), so it
 can be shipped to Ray workers.
 """
@@ -16,21 +29,52 @@ can be shipped to Ray workers.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
+import logging
 import os
+import random
+import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+log = logging.getLogger(__name__)
+
 PARTIAL_MARK = ".partial-"
+PROBE_PREFIX = ".synth-write-probe-"
+DEFAULT_RETRY_SECONDS = 120.0
+# In the message of every StorageError that gave up on a transient failure: what Ray Data's
+# retried_map_errors matches, so only those (not a refused credential) are retried as a task.
+TRANSIENT_MARK = "kept failing for"
+
+# S3 error codes worth waiting out: the server is overloaded, restarting or briefly unreachable.
+TRANSIENT_CODES = {
+    "500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+    "RequestTimeTooSkewed", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+    "ConditionalRequestConflict",  # 409: another conditional write to the key is in flight
+}  # fmt: skip
 
 
 class StorageError(RuntimeError):
     """Storage is unreachable, unwritable or refuses our credentials; the message says the fix."""
+
+
+def _error_code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _is_transient(exc: Exception) -> bool:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    if isinstance(exc, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):
+        return True  # refused, reset, DNS, read/connect timeouts, a body cut short
+    return _error_code(exc) in TRANSIENT_CODES
 
 
 def local_root(root: str) -> str:
@@ -39,10 +83,19 @@ def local_root(root: str) -> str:
 
 
 class Storage:
-    def __init__(self, root: str, s3_endpoint_url: Optional[str] = None, s3_region: Optional[str] = None):
+    def __init__(
+        self,
+        root: str,
+        s3_endpoint_url: Optional[str] = None,
+        s3_region: Optional[str] = None,
+        retry_seconds: float = DEFAULT_RETRY_SECONDS,
+    ):
         self.root = root.rstrip("/") if root != "/" else root
         self.s3_endpoint_url = s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         self.s3_region = s3_region
+        self.retry_seconds = float(retry_seconds)
+        # Whether the server honours If-None-Match on PutObject; None until a probe or a refusal says.
+        self.conditional_writes: Optional[bool] = None
         self.is_s3 = self.root.startswith("s3://")
         if self.is_s3:
             bucket, _, prefix = self.root[len("s3://") :].partition("/")
@@ -60,7 +113,7 @@ class Storage:
     @classmethod
     def from_config(cls, cfg) -> "Storage":
         """From a :class:`synth.config.StorageConfig`."""
-        return cls(cfg.root, cfg.s3_endpoint_url, cfg.s3_region)
+        return cls(cfg.root, cfg.s3_endpoint_url, cfg.s3_region, cfg.retry_seconds)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -131,23 +184,51 @@ class Storage:
                 )
             if code in ("NoSuchBucket", "404") and action != "read":
                 return StorageError(f"cannot {action} {where}: bucket {self.bucket!r} does not exist. Fix: create it or change storage.root")
-            return StorageError(f"cannot {action} {where}: {code or exc}")
+            if code not in TRANSIENT_CODES:
+                return StorageError(f"cannot {action} {where}: {code or exc}")
+        if not _is_transient(exc):
+            return StorageError(f"cannot {action} {where}: {exc}")
         return StorageError(
-            f"cannot {action} {where}: {exc}. Fix: check storage.s3_endpoint_url "
-            f"({self.s3_endpoint_url or 'AWS default'}) and the network"
+            f"cannot {action} {where}: S3 at {self.s3_endpoint_url or 'the AWS default endpoint'} {TRANSIENT_MARK} "
+            f"{self.retry_seconds:.0f} s ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "Fix: check storage.s3_endpoint_url and the network, then rerun the same command: it resumes "
+            "where it stopped (storage.retry_seconds sets how long to wait)"
         )
+
+    def _s3(self, action: str, key: str, call):
+        """``call()`` with retries of transient failures for ``retry_seconds``; a StorageError after that."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.25
+        while True:
+            try:
+                return call()
+            except Exception as exc:
+                if _error_code(exc) in ("NoSuchKey", "404", "NotFound"):
+                    raise FileNotFoundError(self.uri(key)) from exc
+                if not _is_transient(exc) or time.monotonic() + delay > deadline:
+                    raise self._s3_error(exc, action, key) from exc
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 8.0)
 
     # -- bytes --------------------------------------------------------------------------------
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write ``data`` at ``key`` atomically: readers never see a partial object."""
         if self.is_s3:
-            try:
-                self.client.put_object(Bucket=self.bucket, Key=self._s3_key(key), Body=data)
-            except Exception as exc:
-                raise self._s3_error(exc, "write", key) from exc
+            self._s3("write", key, lambda: self.client.put_object(Bucket=self.bucket, Key=self._s3_key(key), Body=data))
             return
         path = self._path(key)
+        tmp = self._write_partial(path, data)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise self._local_error(exc, path) from exc
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+
+    def _write_partial(self, path: Path, data: bytes) -> Path:
+        """``data`` in a fsynced ``.partial-`` file beside ``path``; its name is returned."""
         tmp = path.with_name(f"{path.name}{PARTIAL_MARK}{uuid.uuid4().hex}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,86 +236,168 @@ class Storage:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            raise StorageError(f"cannot write {path}: {exc.strerror or exc}. Fix: choose a writable storage.root") from exc
+            raise self._local_error(exc, path) from exc
+        return tmp
+
+    @staticmethod
+    def _local_error(exc: OSError, path: Path) -> StorageError:
+        return StorageError(f"cannot write {path}: {exc.strerror or exc}. Fix: choose a writable storage.root")
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``data`` at ``key`` only if no object is there, atomically; True if this call created it.
+
+        False means another writer got there first; the object there is left as it is, and the
+        caller reads it to decide whether it is the same thing (a claim of a plan, a shard made by
+        a concurrent driver with the same plan) or a conflict.
+        """
+        if self.is_s3:
+            if self.conditional_writes is False:
+                return self._create_by_read_back(key, data)
+            put = lambda: self.client.put_object(Bucket=self.bucket, Key=self._s3_key(key), Body=data, IfNoneMatch="*")  # noqa: E731
+            try:
+                self._s3("write", key, put)
+                return True
+            except StorageError as exc:
+                cause = exc.__cause__
+                if _error_code(cause) in ("PreconditionFailed", "412"):
+                    return False
+                if _error_code(cause) in ("NotImplemented", "501"):  # a server without conditional writes
+                    self.conditional_writes = False
+                    return self._create_by_read_back(key, data)
+                raise
+        path = self._path(key)
+        tmp = self._write_partial(path, data)
+        try:
+            os.link(tmp, path)  # atomic, and fails if the key exists: the content is complete when it appears
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:  # a filesystem without hard links: the weaker fallback
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise self._local_error(exc, path) from exc
+            return self._create_by_read_back(key, data)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+
+    def _create_by_read_back(self, key: str, data: bytes) -> bool:
+        """Check, write, read back: the best a store without an atomic create-if-absent allows."""
+        if self.exists(key):
+            return False
+        self.write_bytes(key, data)
+        return self.read_bytes(key) == data
 
     def read_bytes(self, key: str) -> bytes:
         if self.is_s3:
-            try:
-                return self.client.get_object(Bucket=self.bucket, Key=self._s3_key(key))["Body"].read()
-            except Exception as exc:
-                if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                    raise FileNotFoundError(self.uri(key)) from exc
-                raise self._s3_error(exc, "read", key) from exc
+            return self._s3("read", key, lambda: self.client.get_object(Bucket=self.bucket, Key=self._s3_key(key))["Body"].read())
         return self._path(key).read_bytes()
 
     def exists(self, key: str) -> bool:
         if self.is_s3:
             try:
-                self.client.head_object(Bucket=self.bucket, Key=self._s3_key(key))
+                self._s3("read", key, lambda: self.client.head_object(Bucket=self.bucket, Key=self._s3_key(key)))
                 return True
-            except Exception as exc:
-                if getattr(exc, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-                    return False
-                raise self._s3_error(exc, "read", key) from exc
+            except FileNotFoundError:
+                return False
         return self._path(key).is_file()
 
     def list(self, prefix: str) -> list[str]:
         """Keys under ``prefix`` (relative to the root), sorted; never lists partial writes."""
-        return sorted(k for k in self._list_all(prefix) if PARTIAL_MARK not in k.rsplit("/", 1)[-1])
+        return sorted(self.sizes(prefix))
 
-    def _list_all(self, prefix: str) -> Iterator[str]:
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """``{key: size in bytes}`` under ``prefix`` (one listing; partial writes left out)."""
+        return {k: n for k, n in self._list_all(prefix) if PARTIAL_MARK not in k.rsplit("/", 1)[-1]}
+
+    def _list_all(self, prefix: str) -> list[tuple[str, int]]:
         prefix = prefix.strip("/")
         if self.is_s3:
             base = self._s3_key(prefix) + "/"
             strip = len(self.prefix) + 1 if self.prefix else 0
+
+            def listing() -> list[tuple[str, int]]:
+                pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
+                return [(obj["Key"][strip:], int(obj["Size"])) for page in pages for obj in page.get("Contents", [])]
+
             try:
-                for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
-                    for obj in page.get("Contents", []):
-                        yield obj["Key"][strip:]
-            except Exception as exc:
-                raise self._s3_error(exc, "list", prefix) from exc
-            return
+                return self._s3("list", prefix, listing)
+            except FileNotFoundError:  # NoSuchKey cannot come from a listing; a missing bucket is a StorageError
+                return []
         folder = self._path(prefix)
         if not folder.is_dir():
-            return
+            return []
         root = Path(self.root)
+        found = []
         for path in folder.rglob("*"):
-            if path.is_file():
-                yield path.relative_to(root).as_posix()
+            with contextlib.suppress(FileNotFoundError):  # deleted between the walk and the stat
+                if path.is_file():
+                    found.append((path.relative_to(root).as_posix(), path.stat().st_size))
+        return found
 
     def delete(self, key: str) -> None:
         if self.is_s3:
-            try:
-                self.client.delete_object(Bucket=self.bucket, Key=self._s3_key(key))
-            except Exception as exc:
-                raise self._s3_error(exc, "delete", key) from exc
+            with contextlib.suppress(FileNotFoundError):
+                self._s3("delete", key, lambda: self.client.delete_object(Bucket=self.bucket, Key=self._s3_key(key)))
         else:
             self._path(key).unlink(missing_ok=True)
 
+    def move(self, src: str, dst: str) -> None:
+        """Move one object to another key (quarantine); raises FileNotFoundError if ``src`` is gone."""
+        if self.is_s3:
+            source = {"Bucket": self.bucket, "Key": self._s3_key(src)}
+            self._s3("move", src, lambda: self.client.copy_object(Bucket=self.bucket, Key=self._s3_key(dst), CopySource=source))
+            self.delete(src)
+            return
+        target = self._path(dst)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._path(src), target)
+
     def remove_partials(self, prefix: str) -> int:
         """Delete leftovers of interrupted local writes under ``prefix``; returns how many."""
-        stale = [k for k in self._list_all(prefix) if PARTIAL_MARK in k.rsplit("/", 1)[-1]]
+        stale = [k for k, _ in self._list_all(prefix) if PARTIAL_MARK in k.rsplit("/", 1)[-1]]
         for key in stale:
             self.delete(key)
         return len(stale)
 
     def check_writable(self) -> None:
-        """Fail fast, before any work, if the root cannot be written (bad folder, bucket or keys)."""
-        probe = f"_synth_write_probe/{uuid.uuid4().hex}"
-        self.write_bytes(probe, b"ok")
-        self.delete(probe)
+        """Fail fast, before any work, if the root cannot be written (bad folder, bucket or keys).
+
+        The probe is a claim made twice: on S3 the second must be refused, or the server ignores
+        ``If-None-Match`` and :meth:`create` falls back to reading back what it wrote. It leaves
+        nothing behind (no folder either: it sits in the root itself).
+        """
+        probe = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+        try:
+            first = self.create(probe, b"ok")
+            second = self.create(probe, b"ok")
+        finally:
+            with contextlib.suppress(OSError, StorageError):  # the create's own error is the one to see
+                self.delete(probe)
+        if not first:
+            raise StorageError(f"cannot claim a fresh key in {self.uri()}: the write probe found an object already there")
+        if self.is_s3 and self.conditional_writes is None:
+            self.conditional_writes = not second
+            if second:
+                log.warning(
+                    "S3 at %s ignores conditional writes (If-None-Match); claims fall back to read-back checks, "
+                    "which do not stop every race between two drivers on one run",
+                    self.s3_endpoint_url or "AWS",
+                )
 
     # -- structured objects ---------------------------------------------------------------------
 
     def write_json(self, key: str, obj: Any) -> None:
-        self.write_bytes(key, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+        self.write_bytes(key, _json_bytes(obj))
 
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))
+
+    def create_json(self, key: str, obj: Any) -> bool:
+        """Claim ``key`` with a JSON document (see :meth:`create`)."""
+        return self.create(key, _json_bytes(obj))
 
     def read_json_or_none(self, key: str) -> Any:
         """The JSON document at ``key``, or None when it is absent or unreadable (one request)."""
@@ -247,12 +410,20 @@ class Storage:
         self.write_bytes(key, text.encode())
 
     def write_parquet(self, key: str, table: pa.Table) -> None:
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        self.write_bytes(key, buf.getvalue())
+        self.write_bytes(key, parquet_bytes(table))
 
     def read_parquet(self, key: str, columns: Optional[list[str]] = None) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
 
 
 def trial_tag(ratio: float, seed: int) -> str:
@@ -268,6 +439,11 @@ class Layout:
 
     def stage(self, name: str) -> str:
         return f"{self.run}/{name}"
+
+    def quarantine(self, stage: str, name: str) -> str:
+        """Where a bad object of ``stage`` is kept for inspection: ``<run>/quarantine/<stage>/<time>-<id>-<name>``."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        return f"{self.run}/quarantine/{stage}/{stamp}-{uuid.uuid4().hex[:6]}-{name}"
 
     # prompts
     @property

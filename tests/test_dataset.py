@@ -15,7 +15,9 @@ from conftest import REPO, synth_imports
 from ray_jobs._cli import main as cli_main
 from synth.config import ConfigError, load_config
 from synth.dataset import SPLITS, load_split, load_split_table, run_dataset, synthetic_split_sizes, val_size
-from synth.generate import build_manifest, shard_rows, shard_table
+from synth.generate import build_manifest, claim_plan, model_name, plan_for, scan_shards, shard_rows
+from synth.images import encode_png
+from synth.shards import plan_sha256, shard_table
 from synth.prompts import build_prompt_table
 from synth.storage import Layout, Storage
 from synth.testkit import ClassAwareTestGenerator, write_cifar10_fixture, write_image_folder_fixture
@@ -243,21 +245,22 @@ def test_image_folders_must_match_the_classes(tmp_path):
 
 
 def write_generate_run(cfg, storage: Storage, corrupt_ids: set[str] = frozenset()) -> None:
-    """The generate stage's stored output (shards + manifest) without Ray: the same tables, faster."""
+    """The generate stage's stored output (plan, shards, manifest) without Ray: the same objects, faster."""
     layout = Layout(cfg.run)
     prompts = build_prompt_table(cfg)
+    plan = plan_for(cfg, prompts)
+    claim_plan(storage, layout, plan)
     generator = ClassAwareTestGenerator(cfg.generate, cfg.prompts.classes)
     shards = shard_rows(prompts, cfg.generate.shard_size)
     for k, rows in enumerate(shards):
         images = generator.generate([r["prompt"] for r in rows], [r["negative"] for r in rows], [r["seed"] for r in rows])
-        table = shard_table(rows, images.small, k, cfg.generate)
-        if corrupt_ids & {r["id"] for r in rows}:
-            pngs = table.column("image").to_pylist()
-            pngs = [b"\x89PNG\r\n\x1a\n garbage" if r["id"] in corrupt_ids else png for r, png in zip(rows, pngs)]
-            table = table.set_column(table.column_names.index("image"), "image", [pngs])
+        # Undecodable images inside an intact shard: the dataset stage must count and drop them.
+        pngs = [b"\x89PNG\r\n\x1a\n garbage" if r["id"] in corrupt_ids else encode_png(img) for r, img in zip(rows, images.small)]
+        table = shard_table(rows, pngs, k, model_name(cfg.generate), images.small.shape[1:3], plan_sha256(plan))
         storage.write_parquet(layout.generate_shard(k), table)
-    manifest = build_manifest(storage, layout, prompts.column("id").to_pylist(), len(shards))
-    storage.write_parquet(layout.generate_manifest, manifest)
+    ids = [[r["id"] for r in rows] for rows in shards]
+    scan = scan_shards(storage, layout, ids, plan_sha256(plan))
+    storage.write_parquet(layout.generate_manifest, build_manifest(scan, prompts.column("id").to_pylist(), plan_sha256(plan)))
 
 
 def synthetic_cfg(root, *overrides: str):
@@ -351,4 +354,6 @@ def test_generate_then_dataset_share_one_label_space(tmp_path, ray_local):
 
 def test_dataset_imports_no_later_stage():
     # Data flows generate -> dataset through storage; the code must not flow back through imports.
-    assert synth_imports(REPO / "synth" / "dataset.py") <= {"synth.config", "synth.images", "synth.progress", "synth.storage", "synth.runtime"}
+    assert synth_imports(REPO / "synth" / "dataset.py") <= {
+        "synth.config", "synth.images", "synth.progress", "synth.storage", "synth.runtime", "synth.shards"
+    }  # fmt: skip
