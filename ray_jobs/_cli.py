@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from typing import Callable
 
@@ -28,6 +29,37 @@ def parse(argv: list[str], stage: str) -> Config:
     return load_config(path, overrides)
 
 
+USER_ERRORS = (ConfigError, StorageError, ValueError)
+REMOTE_ERROR = re.compile(r"^\s*(synth\.storage\.StorageError|synth\.config\.ConfigError): (.+)$", re.MULTILINE)
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The error the user can act on (bad config, unreachable storage, bad data), or None: a bug, shown whole.
+
+    An error raised in a Ray task or actor reaches the driver wrapped (a RayTaskError holding the
+    original as ``.cause``, inside Ray Data's own exceptions): the original, found down the chain
+    of causes, is the one whose message names the fix. Down the chain only a ConfigError or a
+    StorageError counts; a ValueError counts only where it is raised, on the driver.
+    """
+    if isinstance(exc, USER_ERRORS) and not isinstance(getattr(exc, "cause", None), BaseException):
+        return exc
+    seen, error = set(), exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, (ConfigError, StorageError)):
+            return cause
+        if isinstance(error, (ConfigError, StorageError)) and not isinstance(cause, BaseException):
+            return error
+        error = cause if isinstance(cause, BaseException) else error.__cause__
+    # Ray Data's UserCodeException crosses from the worker as text: the original is a line of it.
+    found = REMOTE_ERROR.findall(str(exc))
+    if found:
+        kind, message = found[-1]
+        return (StorageError if kind.endswith("StorageError") else ConfigError)(message)
+    return None
+
+
 def main(stage: str, fn: Callable[[Config], dict], argv: list[str] | None = None) -> int:
     """Parse, run ``fn(cfg)``, print the summary; one clear line and exit code 2 on bad input."""
     argv = sys.argv[1:] if argv is None else argv
@@ -38,8 +70,11 @@ def main(stage: str, fn: Callable[[Config], dict], argv: list[str] | None = None
     try:
         cfg = parse(argv, stage)
         summary = fn(cfg)
-    except (ConfigError, StorageError, ValueError) as exc:
-        print(f"synth {stage}: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        error = user_error(exc)
+        if error is None:
+            raise
+        print(f"synth {stage}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     if verbose() or stage == "pipeline":  # the pipeline's own summary is a few lines: where the report is
         print(json.dumps(summary, indent=2, default=str))

@@ -311,9 +311,10 @@ def write_shards(
 ) -> dict[str, np.ndarray]:
     """Ray Data task: encode and claim each shard (full-resolution PNGs first).
 
-    Each shard's status: ``written`` (this task stored it, or a retry of this task finds its own
-    bytes), ``present`` (another driver with the same plan stored an intact copy first), ``bad``
-    (what is there is not this plan's intact shard: the driver's next check deals with it).
+    Each shard's status: ``written`` (this task stored it), ``present`` (an intact copy of this
+    plan's shard was there first: another driver running the same plan, or an earlier attempt of
+    this task), ``bad`` (what is there is not this plan's intact shard: the driver's next check
+    deals with it). Each shard is ``written`` once, whoever writes it.
     """
     layout = Layout(run)
     model = model_name(cfg)
@@ -323,7 +324,7 @@ def write_shards(
         key = layout.generate_shard(shard)
         ids = [r["id"] for r in rows]
         if not pixels:  # the actor skipped it: someone stored it meanwhile
-            statuses.append(_status_of_stored(storage, key, shard, plan, ids, b""))
+            statuses.append(_status_of_stored(storage, key, shard, plan, ids))
             counts.append(len(rows))
             continue
         small = _unpack(pixels)
@@ -335,7 +336,7 @@ def write_shards(
         # The shard object is written last: its presence means the whole shard is done.
         table = shard_table(rows, [encode_png(img) for img in small], shard, model, small.shape[1:3], plan)
         data = parquet_bytes(table)
-        statuses.append(WRITTEN if storage.create(key, data) else _status_of_stored(storage, key, shard, plan, ids, data))
+        statuses.append(WRITTEN if storage.create(key, data) else _status_of_stored(storage, key, shard, plan, ids))
         counts.append(len(rows))
     return {
         "shard": batch["shard"],
@@ -345,13 +346,11 @@ def write_shards(
     }
 
 
-def _status_of_stored(storage: Storage, key: str, shard: int, plan: str, ids: list[str], ours: bytes) -> str:
+def _status_of_stored(storage: Storage, key: str, shard: int, plan: str, ids: list[str]) -> str:
     try:
         data = storage.read_bytes(key)
     except FileNotFoundError:
         return BAD  # gone again: the driver's next check makes it
-    if data == ours:
-        return WRITTEN  # a retry of this very task: its first attempt stored these bytes
     return PRESENT if check_shard(data, shard, plan, ids).ok else BAD
 
 
@@ -598,8 +597,8 @@ def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
     made = int(sum(r["images"] for r in results if r["status"] == WRITTEN))
     by_other = sum(1 for r in results if r["status"] == PRESENT)
     if by_other:
-        say("generate", f"{by_other} shards were stored by another driver running this run with the same plan at the "
-            "same time; they were checked and kept (identical plan, identical images)")  # fmt: skip
+        say("generate", f"{by_other} shards were already stored when this driver went to write them (another driver "
+            "running this run with the same plan, or a retried task); they were checked and kept")  # fmt: skip
 
     # 3. The manifest, from the checked shards, then the summary.
     manifest = build_manifest(scan, prompts.column("id").to_pylist(), plan_hash)
@@ -611,7 +610,7 @@ def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
         "shards_total": len(shards),
         "shards_already_stored": stored_at_start,
         "shards_generated": sum(1 for r in results if r["status"] == WRITTEN),
-        "shards_stored_by_another_driver": by_other,
+        "shards_found_stored_meanwhile": by_other,
         "shards_quarantined": [storage.uri(k) for k in quarantined],
         "stray_objects": [storage.uri(k) for k in scan.stray],
         "images_generated": made,

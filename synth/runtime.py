@@ -65,7 +65,9 @@ def init_ray(cfg: RayConfig) -> None:
 
     ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
     if not loud:  # Ray Data configures its own logger, apart from the "ray" one ray.init set
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        # Its report of a failed task is a traceback; the stage's command prints the one line
+        # that names the fix instead (and the whole traceback when the failure is a bug).
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
 
 
 _NATIVE_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] ")

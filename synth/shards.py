@@ -105,7 +105,7 @@ def check_shard(data: bytes, shard: int, plan: str, ids: Optional[Sequence[str]]
     FOREIGN: intact, but made under another plan.
     """
     try:
-        table = pq.read_table(io.BytesIO(data))
+        table = pq.read_table(io.BytesIO(data), page_checksum_verification=True)
     except (pa.ArrowException, OSError, ValueError) as exc:
         return ShardCheck(CORRUPT, f"not readable as Parquet ({str(exc).splitlines()[0][:80]}); truncated or overwritten")
     meta = table.schema.metadata or {}

@@ -162,7 +162,10 @@ class Storage:
                 "s3",
                 endpoint_url=self.s3_endpoint_url,
                 region_name=self.s3_region,
-                config=BotoConfig(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60),
+                # botocore's standard mode retries a blip at once; _s3 waits out longer outages.
+                config=BotoConfig(
+                    retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=60, max_pool_connections=32
+                ),
             )
         return self._client
 
@@ -422,7 +425,7 @@ def _json_bytes(obj: Any) -> bytes:
 
 def parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", write_page_checksum=True)  # CRC per page, checked on read
     return buf.getvalue()
 
 

@@ -223,6 +223,19 @@ class ClassAwareTestGenerator:
         return GeneratedImages(small=small, full=full)
 
 
+class SlowClassAwareTestGenerator(ClassAwareTestGenerator):
+    """:class:`ClassAwareTestGenerator` at a model's pace (``seconds_per_image`` of sleep), so
+    fault tests can kill an actor, cut the storage or race a second driver while shards land."""
+
+    seconds_per_image = 0.02
+
+    def generate(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int]) -> GeneratedImages:
+        import time
+
+        time.sleep(self.seconds_per_image * len(prompts))
+        return super().generate(prompts, negatives, seeds)
+
+
 # -- real-data fixtures ----------------------------------------------------------------------
 
 # CIFAR-10's label names in its own label order (batches.meta).

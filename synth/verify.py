@@ -1,0 +1,340 @@
+"""The verify stage: reconcile a run's storage with its plan and manifests, stage by stage.
+
+For each stage the run has started (it wrote its ``config.yaml``), every object the config says
+should exist is looked for and checked:
+
+- prompts: the table is readable and is the one this config builds;
+- generate: ``plan.json`` is this config's plan; every shard is there, intact (its checksum) and
+  of this plan (:func:`synth.generate.scan_shards`); stray names are reported; the manifest
+  lists exactly the shards' images;
+- dataset: every split is readable, holds the number of images its summary says, no id is in
+  two splits of a domain, and every synthetic id is in the generate manifest;
+- train: every cell of ``train.experiments x train.seeds`` has a valid ``metrics.json`` made with
+  this config and a loadable ``model.pt``;
+- tune: every (ratio, seed) of the grid has a valid record made with this config.
+
+Each problem is a :class:`Finding`: ``missing``, ``corrupt``, ``foreign`` (made under another
+plan or config), or ``extra`` (a stray object, reported and left alone). With ``repair``,
+corrupt and foreign objects are moved to ``<run>/quarantine/<stage>/`` and the stages with
+findings run again, in pipeline order; each remakes only what is missing (the stages are
+resumable and deterministic), and the run is verified once more. Findings that a rerun cannot
+fix (a plan or prompt table made by another config) are left for the user, with the fix named.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+from synth.config import Config, ConfigError
+from synth.progress import say
+from synth.storage import Layout, Storage
+
+MISSING, CORRUPT, FOREIGN, EXTRA = "missing", "corrupt", "foreign", "extra"
+STAGES = ("prompts", "generate", "dataset", "train", "tune")
+
+
+@dataclass
+class Finding:
+    kind: str  # MISSING, CORRUPT, FOREIGN or EXTRA
+    key: str  # relative to the storage root
+    reason: str = ""
+    repairable: bool = True  # whether quarantining it and rerunning the stage fixes it
+
+
+@dataclass
+class StageCheck:
+    stage: str
+    ran: bool  # whether the run has started this stage
+    checked: int = 0  # objects looked at
+    findings: list[Finding] = field(default_factory=list)
+    note: str = ""  # what was found good, in a few words
+
+    @property
+    def problems(self) -> list[Finding]:
+        return [f for f in self.findings if f.kind != EXTRA]
+
+
+# --------------------------------------------------------------------------------------------
+# One check per stage
+# --------------------------------------------------------------------------------------------
+
+
+def check_prompts(cfg: Config, storage: Storage) -> StageCheck:
+    from synth.prompts import build_prompt_table
+
+    layout = Layout(cfg.run)
+    check = StageCheck("prompts", ran=storage.exists(layout.config_file("prompts")) or storage.exists(layout.prompts_table))
+    if not check.ran:
+        return check
+    check.checked = 1
+    key = layout.prompts_table
+    try:
+        stored = storage.read_parquet(key)
+    except FileNotFoundError:
+        check.findings.append(Finding(MISSING, key))
+        return check
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        check.findings.append(Finding(CORRUPT, key, f"unreadable ({type(exc).__name__})"))
+        return check
+    if not stored.equals(build_prompt_table(cfg)):
+        reason = "built from another prompts config than this one; verify with the config that made the run"
+        check.findings.append(Finding(FOREIGN, key, reason, repairable=False))
+    else:
+        check.note = f"{stored.num_rows:,} prompts"
+    return check
+
+
+def check_generate(cfg: Config, storage: Storage) -> StageCheck:
+    import pyarrow as pa
+
+    from synth.generate import plan_for, scan_shards, shard_rows
+    from synth.prompts import build_prompt_table
+    from synth.shards import MANIFEST_COLUMNS, plan_sha256
+
+    layout = Layout(cfg.run)
+    stored_plan = storage.read_json_or_none(layout.generate_plan)
+    check = StageCheck("generate", ran=stored_plan is not None or bool(storage.list(layout.generate_shards)))
+    if not check.ran:
+        return check
+    prompts = build_prompt_table(cfg)
+    plan = plan_for(cfg, prompts)
+    if stored_plan is None:
+        check.findings.append(Finding(MISSING, layout.generate_plan, "shards are stored but the plan is not"))
+    elif stored_plan != plan:
+        changed = sorted(k for k in set(plan) | set(stored_plan) if plan.get(k) != stored_plan.get(k))
+        reason = f"the run was made under another plan (differs in {', '.join(changed)}); verify with the config that made it"
+        check.findings.append(Finding(FOREIGN, layout.generate_plan, reason, repairable=False))
+        return check
+    shards = shard_rows(prompts, cfg.generate.shard_size)
+    scan = scan_shards(storage, layout, [[r["id"] for r in rows] for rows in shards], plan_sha256(plan))
+    check.checked = len(shards) + len(scan.stray) + 1
+    check.findings += [Finding(MISSING, layout.generate_shard(k)) for k in scan.missing]
+    check.findings += [Finding(CORRUPT, layout.generate_shard(k), why) for k, why in sorted(scan.corrupt.items())]
+    check.findings += [Finding(FOREIGN, layout.generate_shard(k), why) for k, why in sorted(scan.foreign.items())]
+    check.findings += [Finding(EXTRA, key, "no plan writes this name; left alone") for key in scan.stray]
+    try:
+        manifest = storage.read_parquet(layout.generate_manifest, columns=MANIFEST_COLUMNS)
+    except FileNotFoundError:
+        check.findings.append(Finding(MISSING, layout.generate_manifest))
+    except Exception as exc:
+        check.findings.append(Finding(CORRUPT, layout.generate_manifest, f"unreadable ({type(exc).__name__})"))
+    else:
+        if len(scan.good) == len(shards):
+            shards_say = pa.concat_tables([scan.good[k] for k in sorted(scan.good)]).sort_by("id")
+            if not manifest.equals(shards_say):
+                check.findings.append(Finding(CORRUPT, layout.generate_manifest, "does not list exactly the shards' images"))
+    check.note = f"{len(scan.good)}/{len(shards)} shards intact, manifest agrees"
+    return check
+
+
+def check_dataset(cfg: Config, storage: Storage) -> StageCheck:
+    from synth.dataset import SPLITS
+
+    layout = Layout(cfg.run)
+    summary = storage.read_json_or_none(layout.summary("dataset"))
+    check = StageCheck("dataset", ran=storage.exists(layout.config_file("dataset")))
+    if not check.ran:
+        return check
+    if not isinstance(summary, dict):
+        check.findings.append(Finding(MISSING, layout.summary("dataset"), "the stage started but did not finish"))
+        return check
+    manifest_ids: Optional[set] = None
+    images = 0
+    for domain in cfg.dataset.domains:
+        seen: dict[str, str] = {}
+        for split in SPLITS:
+            key = layout.dataset_split(domain, split)
+            check.checked += 1
+            try:
+                ids = storage.read_parquet(key, columns=["id"]).column("id").to_pylist()
+            except FileNotFoundError:
+                check.findings.append(Finding(MISSING, key))
+                continue
+            except Exception as exc:
+                check.findings.append(Finding(CORRUPT, key, f"unreadable ({type(exc).__name__})"))
+                continue
+            expected = summary.get("domains", {}).get(domain, {}).get("images", {}).get(split)
+            if expected is not None and expected != len(ids):
+                check.findings.append(Finding(CORRUPT, key, f"holds {len(ids)} images, its summary says {expected}"))
+            leaked = [i for i in ids if i in seen]
+            if leaked:
+                check.findings.append(Finding(CORRUPT, key, f"{len(leaked)} ids also in {seen[leaked[0]]} (e.g. {leaked[0]!r})"))
+            seen.update((i, split) for i in ids)
+            if domain == "synthetic":
+                if manifest_ids is None:
+                    manifest_ids = _manifest_ids(storage, layout)
+                unknown = [i for i in ids if i not in manifest_ids]
+                if unknown:
+                    check.findings.append(Finding(FOREIGN, key, f"{len(unknown)} ids are not in the generate manifest"))
+            images += len(ids)
+    check.note = f"{check.checked} splits, {images:,} images"
+    return check
+
+
+def _manifest_ids(storage: Storage, layout: Layout) -> set:
+    try:
+        return set(storage.read_parquet(layout.generate_manifest, columns=["id"]).column("id").to_pylist())
+    except Exception:  # the generate check reports the manifest itself
+        return set()
+
+
+def check_train(cfg: Config, storage: Storage) -> StageCheck:
+    from synth.model import load_model
+    from synth.records import RecordError, TrainMetrics
+    from synth.train import config_hash, experiment_name
+
+    layout, t = Layout(cfg.run), cfg.train
+    check = StageCheck("train", ran=storage.exists(layout.config_file("train")))
+    if not check.ran:
+        return check
+    for domain in t.experiments:
+        for seed in t.seeds:
+            experiment = experiment_name(domain)
+            key, model_key = layout.train_metrics(experiment, seed), layout.train_model(experiment, seed)
+            check.checked += 2
+            obj = storage.read_json_or_none(key)
+            if obj is None:
+                kind = CORRUPT if storage.exists(key) else MISSING
+                check.findings.append(Finding(kind, key, "not JSON" if kind == CORRUPT else ""))
+                continue
+            try:
+                TrainMetrics.from_json(obj)
+            except RecordError as exc:
+                check.findings.append(Finding(CORRUPT, key, str(exc)))
+                continue
+            if obj.get("config_hash") != config_hash(cfg, domain, seed):
+                check.findings.append(Finding(FOREIGN, key, "made with another recipe or data; the train stage redoes it"))
+            try:
+                load_model(storage.read_bytes(model_key))
+            except FileNotFoundError:
+                check.findings.append(Finding(MISSING, model_key))
+            except Exception as exc:
+                check.findings.append(Finding(CORRUPT, model_key, f"does not load ({type(exc).__name__})"))
+    check.note = f"{len(t.experiments) * len(t.seeds)} cells"
+    return check
+
+
+def check_tune(cfg: Config, storage: Storage) -> StageCheck:
+    from synth.records import RecordError, TrialRecord
+    from synth.tune import experiment_name, sweep_hash, trial_hash
+
+    layout, u = Layout(cfg.run), cfg.tune
+    check = StageCheck("tune", ran=storage.exists(layout.config_file("tune")))
+    if not check.ran:
+        return check
+    experiment, sh = experiment_name(cfg), sweep_hash(cfg)
+    for ratio in u.ratios:
+        for seed in u.seeds:
+            key = layout.tune_trial(experiment, ratio, seed)
+            check.checked += 1
+            obj = storage.read_json_or_none(key)
+            if obj is None:
+                kind = CORRUPT if storage.exists(key) else MISSING
+                check.findings.append(Finding(kind, key, "not JSON" if kind == CORRUPT else ""))
+                continue
+            try:
+                TrialRecord.from_json(obj)
+            except RecordError as exc:
+                check.findings.append(Finding(CORRUPT, key, str(exc)))
+                continue
+            if obj.get("trial_hash") != trial_hash(sh, ratio, seed):
+                check.findings.append(Finding(FOREIGN, key, "made with another sweep config; the tune stage redoes it"))
+    check.note = f"{check.checked} trials"
+    return check
+
+
+CHECKS: dict[str, Callable[[Config, Storage], StageCheck]] = {
+    "prompts": check_prompts,
+    "generate": check_generate,
+    "dataset": check_dataset,
+    "train": check_train,
+    "tune": check_tune,
+}
+
+
+def _stage_runner(stage: str) -> Callable:
+    from synth.dataset import run_dataset
+    from synth.generate import run_generate
+    from synth.prompts import run_prompts
+    from synth.train import run_train
+    from synth.tune import run_tune
+
+    return {"prompts": run_prompts, "generate": run_generate, "dataset": run_dataset, "train": run_train, "tune": run_tune}[stage]
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def verify_run(cfg: Config, storage: Storage) -> list[StageCheck]:
+    checks = [CHECKS[stage](cfg, storage) for stage in STAGES]
+    for check in checks:
+        _say_check(storage, Layout(cfg.run), check)
+    return checks
+
+
+def _say_check(storage: Storage, layout: Layout, check: StageCheck) -> None:
+    if not check.ran:
+        say("verify", f"{check.stage}: not run")
+        return
+    extra = [f for f in check.findings if f.kind == EXTRA]
+    tail = f"; {len(extra)} stray objects ignored" if extra else ""
+    if not check.problems:
+        say("verify", f"{check.stage}: ok ({check.note}){tail}")
+        return
+    counts = {}
+    for f in check.problems:
+        counts[f.kind] = counts.get(f.kind, 0) + 1
+    say("verify", f"{check.stage}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items()) + f" of {check.checked} checked{tail}")
+    for f in check.problems[:5]:
+        say("verify", f"  {f.kind}: {storage.uri(f.key)}" + (f" ({f.reason})" if f.reason else ""))
+    if len(check.problems) > 5:
+        say("verify", f"  ... and {len(check.problems) - 5} more (all of them in {storage.uri(layout.summary('verify'))})")
+
+
+def run_verify(cfg: Config, storage: Optional[Storage] = None, repair: bool = False) -> dict:
+    """Check every started stage of ``cfg.run``; with ``repair``, remake what is missing or bad. Returns the summary.
+
+    The summary's ``problems`` counts what is still wrong at the end (0: the run is whole).
+    """
+    from synth.runtime import write_stage_summary
+
+    start = time.perf_counter()
+    storage = storage or Storage.from_config(cfg.storage)
+    layout = Layout(cfg.run)
+    checks = verify_run(cfg, storage)
+    before = sum(len(c.problems) for c in checks)
+    repaired: dict[str, list[str]] = {}
+    if repair and before:
+        unfixable = [f for c in checks for f in c.problems if not f.repairable]
+        if unfixable:
+            raise ConfigError(f"cannot repair {storage.uri(unfixable[0].key)}: {unfixable[0].reason}")
+        storage.check_writable()
+        for check in checks:
+            if not check.problems:
+                continue
+            moved = []
+            for f in check.problems:
+                if f.kind in (CORRUPT, FOREIGN) and storage.exists(f.key):
+                    target = layout.quarantine(check.stage, f.key.rsplit("/", 1)[-1])
+                    storage.move(f.key, target)
+                    moved.append(storage.uri(target))
+            say("verify", f"repairing {check.stage}" + (f": {len(moved)} objects moved to quarantine" if moved else ""))
+            _stage_runner(check.stage)(cfg, storage)
+            repaired[check.stage] = moved
+        checks = verify_run(cfg, storage)
+    after = sum(len(c.problems) for c in checks)
+    summary = {
+        "problems": after,
+        "problems_found": before,
+        "repaired": repaired,
+        "stages": {c.stage: {**asdict(c), "problems": len(c.problems)} for c in checks},
+        "wall_seconds": round(time.perf_counter() - start, 3),
+    }
+    verdict = "the run is whole" if not after else f"{after} problems remain"
+    hint = "" if after == 0 or repair else "; python -m ray_jobs.verify <config> --repair remakes what can be remade"
+    say("verify", f"{verdict}{hint}")
+    return write_stage_summary(storage, cfg, "verify", summary)
