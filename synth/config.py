@@ -361,7 +361,14 @@ def class_slug(name: str) -> str:
 
 def validate(cfg: Config) -> None:
     _require(bool(_RUN_NAME.match(cfg.run)), "run", cfg.run, "use letters, digits, '.', '_' or '-' (at most 100)")
-    _require(bool(cfg.storage.root.strip()), "storage.root", cfg.storage.root, "give a local folder or s3://bucket/prefix")
+    root = cfg.storage.root
+    _require(bool(root.strip()) and "\0" not in root, "storage.root", root, "give a local folder or s3://bucket/prefix")
+    _require(
+        not root.startswith("s3://") or bool(root[len("s3://") :].partition("/")[0]),
+        "storage.root",
+        root,
+        "name the bucket: s3://bucket/prefix",
+    )
     _require(cfg.ray.local_num_cpus >= 1, "ray.local_num_cpus", cfg.ray.local_num_cpus, "must be at least 1")
 
     p = cfg.prompts

@@ -47,6 +47,9 @@ def test_overrides_win_and_are_typed():
         (["run=has space"], "run='has space' is invalid"),
         (["prompts.templates=[a photo]"], "must contain {cls}"),
         (["generate.batch_size"], "not of the form key=value"),
+        # An s3:// root without a bucket is refused with the rest of the config, before any stage starts.
+        (["storage.root=s3://"], "name the bucket"),
+        (["storage.root=s3:///runs"], "name the bucket"),
     ],
 )
 def test_bad_input_names_key_and_fix(override, needle):
