@@ -6,19 +6,25 @@ A config is built in three layers, each overriding the one before:
 2. a YAML preset, which may name the file it extends with ``base: other.yaml``,
 3. ``key=value`` overrides from the command line (OmegaConf dotlist syntax).
 
-Everything is validated before Ray starts: an unknown key, a wrong type or an out-of-range value
-raises :class:`ConfigError` with a message that names the key and the fix.
+Values may be OmegaConf interpolations (``${train.seeds}``, ``${oc.env:NAME,default}``), resolved
+when the config loads; ``???`` (OmegaConf's "no value yet") is refused, in a file or an override.
+
+Everything is validated before Ray starts: an unknown key, a wrong type or shape, an out-of-range
+value, unreadable YAML or an interpolation that does not resolve raises :class:`ConfigError` with
+one line that names the key and the fix.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import GrammarParseError, InterpolationResolutionError, OmegaConfBaseException
 
 CIFAR10_ANIMALS = ["bird", "cat", "deer", "dog", "frog", "horse"]
 
@@ -247,68 +253,190 @@ class Config:
 # --------------------------------------------------------------------------------------------
 
 _BASE_KEY = "base"
+# What reading YAML text (a file, or an override's value) into OmegaConf raises on bad input.
+_PARSE_ERRORS = (yaml.YAMLError, OmegaConfBaseException)
 
 
-def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
-    """The YAML files from the root of the ``base:`` chain down to ``path``."""
+@functools.cache
+def _schema() -> DictConfig:
+    """The schema with its defaults, built once (most of the time a load takes) and read-only so it stays the defaults."""
+    schema = OmegaConf.structured(Config)
+    OmegaConf.set_readonly(schema, True)
+    return schema
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its line breaks collapsed, so every error stays on one line of a terminal."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _reason(exc: BaseException, at: bool = True) -> str:
+    """The part of a YAML or OmegaConf error a person needs, on one line (``at``: with the YAML line and column)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if at and mark is not None else ""
+        return _one_line(f"{exc.problem}{where}")
+    # The first line: OmegaConf and YAML reader errors go on with where the value sat, which the message says itself.
+    msg = _one_line((str(exc).strip().splitlines() or [type(exc).__name__])[0])
+    return msg if len(msg) <= 160 else msg[:157] + "..."  # OmegaConf quotes whole values
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The YAML files from the root of the ``base:`` chain down to ``path``, each with its name."""
     path = path.resolve()
+    named = f"config file {str(path)!r}" + (f" (the base: of {str(seen[-1])!r})" if seen else "")
     if path in seen:
-        raise ConfigError(f"config files extend each other in a loop: {' -> '.join(map(str, seen + (path,)))}")
+        raise ConfigError(_one_line(f"config files extend each other in a loop: {' -> '.join(map(str, seen + (path,)))}"))
+    if path.is_dir():
+        raise ConfigError(f"{named} is a folder; name a YAML file such as configs/smoke.yaml")
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; pass a path such as configs/smoke.yaml")
+        raise ConfigError(f"{named} does not exist; pass a path such as configs/smoke.yaml")
     try:
         node = OmegaConf.load(path)
-    except Exception as exc:  # yaml.YAMLError and friends
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{named} cannot be read ({exc.strerror or exc}); check that it is a readable file") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{named} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from exc
+    except _PARSE_ERRORS as exc:
+        raise ConfigError(f"{named} is not valid YAML: {_reason(exc)}. Fix the file (or start from configs/smoke.yaml)") from exc
     if not isinstance(node, DictConfig):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, not a list or value")
-    chain: list[DictConfig] = []
-    if _BASE_KEY in node:
-        base = Path(str(node.pop(_BASE_KEY)))
-        chain = _read_yaml_chain(base if base.is_absolute() else path.parent / base, seen + (path,))
-    return chain + [node]
+        raise ConfigError(f"{named} must hold a mapping of keys, not a list or value")
+    chain: list[tuple[str, DictConfig]] = []
+    if _BASE_KEY in node.keys():
+        plain = not OmegaConf.is_missing(node, _BASE_KEY) and not OmegaConf.is_interpolation(node, _BASE_KEY)
+        base = node.pop(_BASE_KEY) if plain else None
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"base: in {str(path)!r} must name a YAML file it extends, e.g. base: base.yaml")
+        base_path = Path(base)
+        chain = _read_yaml_chain(base_path if base_path.is_absolute() else path.parent / base_path, seen + (path,))
+    return chain + [(str(path), node)]
+
+
+def _read_override(override: str) -> tuple[str, DictConfig]:
+    """One ``key=value`` override as a config layer; its value is read as YAML, as OmegaConf reads it."""
+    if "=" not in override or override.startswith("="):
+        raise ConfigError(f"override {override!r} is not of the form key=value (e.g. generate.batch_size=16)")
+    key = override.split("=", 1)[0]
+    try:
+        return "the command line", OmegaConf.from_dotlist([override])
+    except (*_PARSE_ERRORS, IndexError) as exc:  # IndexError: OmegaConf's key parser, on a key that opens with '['
+        reason = _reason(exc, at=False)
+        if isinstance(exc, yaml.YAMLError):
+            fix = f"close brackets and quotes, or quote text ({key}='...')"
+        elif isinstance(exc, GrammarParseError):
+            fix = "close the ${...} interpolation, or write a literal ${ as \\${"
+        else:
+            reason, fix = "the key does not parse", "write the key as section.name, e.g. generate.batch_size=16"
+        raise ConfigError(_one_line(f"cannot read override {override!r} for config key {key!r}: {reason}. Fix: {fix}")) from exc
+
+
+def _unknown_key(key: str, source: str, parent: str | None = None) -> ConfigError:
+    """``parent``: the section the key was found in (by default, all of ``key`` before its last dot)."""
+    parent = (key.rsplit(".", 1)[0] if "." in key else "") if parent is None else parent
+    return ConfigError(
+        f"unknown config key {key!r} (from {source}); valid keys under {parent or 'the top level'!r}: "
+        f"{', '.join(_valid_keys(parent))}. Fix the spelling or remove it."
+    )
+
+
+def _list_example(default: ListConfig) -> str:
+    items = [str(v) for v in default[:2]]
+    return f"[{','.join(items)}]" if all(re.fullmatch(r"[\w.-]+", v) for v in items) else "[first,second]"
+
+
+def _kind(value: Any) -> str:
+    return "list" if isinstance(value, ListConfig) else "mapping" if isinstance(value, DictConfig) else "single value"
+
+
+def _check_layer(node: DictConfig, schema: DictConfig, source: str, prefix: str = "") -> None:
+    """Refuse, naming the key, what a merge would drop or choke on.
+
+    A merge keeps the old value where a layer says ``???`` and raises a bare TypeError where a
+    list meets a mapping, so every key of a layer is checked against the schema's shape first:
+    known, not ``???``, and a section, a list of plain values or a single value where the schema
+    has one. Interpolations of lists and values are left to the resolver, which reports on them
+    after the merge.
+    """
+    for name in node.keys():
+        key = f"{prefix}{name}"
+        if not isinstance(name, str) or name not in schema:
+            raise _unknown_key(key, source, prefix.rstrip("."))
+        if OmegaConf.is_missing(node, name):
+            raise ConfigError(f"config key {key!r} (from {source}) is ??? (no value); give it a value or drop it to keep the default")
+        expected, interpolated = schema[name], OmegaConf.is_interpolation(node, name)
+        if isinstance(expected, DictConfig):
+            if interpolated or not isinstance(node[name], DictConfig):
+                raise ConfigError(
+                    f"config key {key!r} (from {source}) is a section, not a value; set the keys under it, "
+                    f"e.g. {key}.{next(iter(expected.keys()))}=..."
+                )
+            _check_layer(node[name], expected, source, key + ".")
+        elif interpolated:
+            continue
+        elif isinstance(expected, ListConfig):
+            _check_list(node[name], expected, key, source)
+        elif isinstance(node[name], (DictConfig, ListConfig)):
+            raise ConfigError(
+                f"config key {key!r} (from {source}) takes a single value, not a {_kind(node[name])}; "
+                f"quote text that holds ': ', '[' or '{{' ({key}='...')"
+            )
+
+
+def _check_list(value: Any, default: ListConfig, key: str, source: str) -> None:
+    example = f"{key}={_list_example(default)}"
+    if not isinstance(value, ListConfig):
+        why = "its items cannot be set one at a time" if isinstance(value, DictConfig) else "a list of one item is [x]"
+        raise ConfigError(f"config key {key!r} (from {source}) takes a whole list, e.g. {example} ({why})")
+    for i in range(len(value)):
+        item = f"{key}[{i}]"
+        if OmegaConf.is_missing(value, i):
+            raise ConfigError(f"config key {item!r} (from {source}) is ??? (no value); give every item of {key} a value")
+        if not OmegaConf.is_interpolation(value, i) and isinstance(value[i], (DictConfig, ListConfig)):
+            raise ConfigError(
+                f"config key {item!r} (from {source}) is a {_kind(value[i])}; {key} holds single values, e.g. {example} "
+                "(quote an item that holds ': ' or ',')"
+            )
 
 
 def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or "?"
-    msg = str(exc).splitlines()[0]
-    if "Key" in type(exc).__name__ or "not in struct" in msg or "Missing key" in msg:
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        valid = _valid_keys(parent)
+    msg = _reason(exc)
+    if isinstance(exc, (InterpolationResolutionError, GrammarParseError)):
         return ConfigError(
-            f"unknown config key {key!r} (from {source}); valid keys under {parent or 'the top level'!r}: "
-            f"{', '.join(valid)}. Fix the spelling or remove it."
+            f"cannot resolve config key {key!r} (from {source}): {msg}. Fix: make it resolve to a value of the declared type, "
+            "e.g. ${train.steps} or ${oc.env:NAME,default}"
         )
+    if "Key" in type(exc).__name__ or "not in struct" in msg or "Missing key" in msg:
+        return _unknown_key(key, source)
     return ConfigError(f"bad value for config key {key!r} (from {source}): {msg}. Fix: give a value of the declared type.")
 
 
 def _valid_keys(dotted_parent: str) -> list[str]:
-    node: Any = OmegaConf.structured(Config)
+    node: Any = _schema()
     for part in [p for p in dotted_parent.split(".") if p]:
         node = node.get(part) if isinstance(node, DictConfig) else None
-    return sorted(node.keys()) if isinstance(node, DictConfig) else sorted(OmegaConf.structured(Config).keys())
+    return sorted(node.keys()) if isinstance(node, DictConfig) else sorted(_schema().keys())
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Build and validate a :class:`Config` from a YAML preset and ``key=value`` overrides."""
-    merged: DictConfig = OmegaConf.structured(Config)
-    layers: list[tuple[str, DictConfig]] = []
-    if path is not None:
-        for node in _read_yaml_chain(Path(path)):
-            layers.append((str(path), node))
-    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
-    if bad:
-        raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. generate.batch_size=16)")
-    if overrides:
-        try:
-            layers.append(("the command line", OmegaConf.from_dotlist(list(overrides))))
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"cannot parse command-line overrides {list(overrides)}: {exc}") from exc
+    """Build and validate a :class:`Config` from a YAML preset and ``key=value`` overrides.
+
+    Every problem with the input, from a YAML syntax error to a ``???`` value or an
+    interpolation that does not resolve, raises :class:`ConfigError` with one line that names
+    the key and the fix.
+    """
+    # 1. Read every layer: the base: chain of YAML files, then each override on its own.
+    layers = _read_yaml_chain(Path(path)) if path is not None else []
+    layers += [_read_override(o) for o in overrides]
+    # 2. Check each layer's keys and shapes against the schema, then merge in order.
+    merged = _schema()  # merge copies its first argument, so the schema is never changed
     for source, node in layers:
+        _check_layer(node, _schema(), source)
         try:
             merged = OmegaConf.merge(merged, node)
         except OmegaConfBaseException as exc:
             raise _explain(exc, source) from exc
+    # 3. Resolve interpolations and convert to the dataclasses; then the ranges and cross-field rules.
     try:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
@@ -364,7 +492,14 @@ def class_slug(name: str) -> str:
 
 def validate(cfg: Config) -> None:
     _require(bool(_RUN_NAME.match(cfg.run)), "run", cfg.run, "use letters, digits, '.', '_' or '-' (at most 100)")
-    _require(bool(cfg.storage.root.strip()), "storage.root", cfg.storage.root, "give a local folder or s3://bucket/prefix")
+    root = cfg.storage.root
+    _require(bool(root.strip()) and "\0" not in root, "storage.root", root, "give a local folder or s3://bucket/prefix")
+    _require(
+        not root.startswith("s3://") or bool(root[len("s3://") :].partition("/")[0]),
+        "storage.root",
+        root,
+        "name the bucket: s3://bucket/prefix",
+    )
     _require(
         0 <= cfg.storage.retry_seconds <= 86400, "storage.retry_seconds", cfg.storage.retry_seconds, "give 0 to 86400 seconds"
     )
