@@ -279,8 +279,8 @@ def _trial_name(trial) -> str:
     return trial_tag(float(trial.config["ratio"]), int(trial.config["seed"]))
 
 
-def make_tuner(cfg: Config, storage: Storage, trainable, concurrency: int, callbacks: Optional[list] = None):
-    """The sweep's ``Tuner``: restored when its experiment folder exists, else new; returns (tuner, restored)."""
+def make_tuner(cfg: Config, storage: Storage, trainable, concurrency: int, callbacks: Optional[list] = None, restore: bool = True):
+    """The sweep's ``Tuner``: restored when its experiment folder exists (and ``restore``), else new; returns (tuner, restored)."""
     from ray import tune
 
     # Epochs of seconds make Tune's forced experiment snapshots (see CheckpointConfig below)
@@ -291,7 +291,7 @@ def make_tuner(cfg: Config, storage: Storage, trainable, concurrency: int, callb
     path = f"{storage_path.rstrip('/')}/{experiment}"  # a local path, s3://..., or bucket/... with a filesystem
     # A killed driver left the experiment's state behind: continue it. Finished trials keep
     # their results; unfinished ones restart from their last checkpoint; errored ones retry.
-    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+    if restore and tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         log.info("tune: restoring %s", path)
         # A restored Tuner keeps its stored RunConfig; progress callbacks are not part of it.
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem), True
@@ -498,14 +498,19 @@ def run_tune(cfg: Config, storage: Optional[Storage] = None) -> dict:
     write_stage_config(storage, cfg, STAGE)
     removed = storage.remove_partials(f"{layout.stage(STAGE)}/trials")
 
-    # 2. The whole sweep already done with this config: nothing to start (not even Ray).
-    document = _finished(storage, cfg)
-    status, restored, concurrency, resources, data_counts = "skipped (already done)", False, None, None, None
+    # 2. The whole sweep already done with this config, every trial's record intact: nothing to
+    #    start (not even Ray).
     already = sum(
         read_record(storage, layout.tune_trial(experiment, r, s), trial_hash(sweep_hash(cfg), r, s)) is not None
         for r in u.ratios
         for s in u.seeds
     )
+    document = _finished(storage, cfg)
+    # A finished sweep that lost trial records (found by verify) starts a new Tuner: a restored one
+    # would find every trial done. Trials with a record replay it; only the others train.
+    lost_records = document is not None and already < cells
+    document = None if lost_records else document
+    status, restored, concurrency, resources, data_counts = "skipped (already done)", False, None, None, None
     if document is None:
         # 3. Data and plan, checked before any trial starts.
         data = SplitCache(storage, cfg.run, list(cfg.prompts.classes)).load(SWEEP_SPLITS)
@@ -527,7 +532,7 @@ def run_tune(cfg: Config, storage: Optional[Storage] = None) -> dict:
             classes=tuple(cfg.prompts.classes), storage=storage, threads=max(1, int(u.cpus_per_trial)),
         )  # fmt: skip
         trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, context=context), resources)
-        tuner, restored = make_tuner(cfg, storage, trainable, concurrency, [sweep_progress(cells, already)])
+        tuner, restored = make_tuner(cfg, storage, trainable, concurrency, [sweep_progress(cells, already)], restore=not lost_records)
         say(STAGE, f"{cells} trials ({len(u.ratios)} ratio(s) x {len(u.seeds)} seed(s), {u.mode}), {already} already finished, "
             f"{concurrency} at once{', restored' if restored else ''}")  # fmt: skip
         grid = tuner.fit()

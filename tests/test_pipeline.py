@@ -43,3 +43,24 @@ def test_class_aware_chain_transfers_from_synthetic_to_real(tmp_path, ray_local)
     assert min(val) > 0.8 and max(val) - min(val) < 0.2, table
     assert "tune-accuracy-vs-ratio.png" in report["plots"] and summary["stages"]["tune"] is not None
     assert summary["report"].endswith("smoke/report/report.html")
+
+    # The finished run verifies whole; damage in three stages is found, then repaired by
+    # quarantining it and rerunning those stages, which remake only what was lost.
+    from synth.storage import Layout
+    from synth.verify import run_verify
+
+    clean = run_verify(cfg, storage)
+    assert clean["problems"] == 0 and all(s["ran"] for s in clean["stages"].values()), clean["stages"]
+    layout, out = Layout("smoke"), tmp_path / "out"
+    (out / layout.dataset_split("synthetic", "test")).write_bytes(b"not parquet")
+    (out / layout.train_metrics("train-real", 0)).write_text("{ truncated")
+    trial = next((out / "smoke/tune/trials").rglob("*.json"))
+    trial.unlink()
+    found = run_verify(cfg, storage)
+    kinds = {stage: sorted(f["kind"] for f in s["findings"]) for stage, s in found["stages"].items() if s["findings"]}
+    assert kinds == {"dataset": ["corrupt"], "train": ["corrupt"], "tune": ["missing"]}, kinds
+    repaired = run_verify(cfg, storage, repair=True)
+    assert repaired["problems_found"] == 3 and repaired["problems"] == 0, repaired["stages"]
+    assert sorted(repaired["repaired"]) == ["dataset", "train", "tune"]
+    train = storage.read_json(layout.summary("train"))
+    assert [c["status"] for c in train["cells"]].count("trained") == 1, "only the damaged cell trains again"
