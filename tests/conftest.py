@@ -95,6 +95,24 @@ def make_bucket(endpoint: str, name: str) -> None:
         pass
 
 
+def ray_processes(title: str) -> list:
+    """This process's descendants whose title starts with ``title`` (Ray names workers ``ray::<Actor>[.<method>]``).
+
+    The session's local Ray instance (``ray_local``) runs under this process, so only its
+    workers can match, never those of another test run on the same machine.
+    """
+    import psutil
+
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(process.cmdline()).startswith(title):
+                found.append(process)
+        except psutil.Error:  # it ended while we looked
+            pass
+    return found
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One private local Ray instance for the in-process tests (4 logical CPUs on 2 cores)."""
