@@ -90,12 +90,13 @@ class TrainMetrics:
     wall_seconds: float = 0.0
     train_seconds: float = 0.0
     score_seconds: float = 0.0
-    ray_startup_seconds: float = 0.0  # trainer.fit() called -> the worker's loop began (this attempt)
+    ray_startup_seconds: float = 0.0  # trainer.fit() called -> the last worker's loop began (any failed attempt included)
     ray_teardown_seconds: float = 0.0  # the worker's loop returned -> trainer.fit() returned
     train_images_per_second: float = 0.0
     code_version: str = ""
     config_hash: str = ""
-    resumed_from_epochs: list[int] = field(default_factory=list)
+    resumed_from_epochs: list[int] = field(default_factory=list)  # the epoch of each checkpoint the model was restored from
+    epochs_recomputed: int = 0  # finished epochs trained again after a worker restart (this driver's count)
     device: str = "cpu"
 
     def to_json(self) -> dict:

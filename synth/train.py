@@ -69,9 +69,10 @@ def train_loop_per_worker(config: dict) -> Optional[dict]:
     ``config`` (built by :func:`worker_config`): ``hp`` (TrainConfig as a dict), ``seed``,
     ``classes``, ``config_hash``, ``train`` / ``val``: object refs to ``(images uint8 (N, H, W, 3),
     labels int64 (N,))``, ``tests``: ``{domain: ref}`` of the test splits, and ``progress``: an
-    optional :class:`synth.progress.ProgressRelay` sink. Rank 0 returns (Ray keeps rank 0's
-    value) the scores, the model's bytes, its progress and its timings (steps, scoring, when it
-    started and finished); other ranks return None.
+    optional :class:`synth.progress.ProgressRelay` sink, to which rank 0 puts each epoch's record
+    and, after restoring a checkpoint, ``{"resumed_from_epoch": epoch}``. Rank 0 returns (Ray
+    keeps rank 0's value) the scores, the model's bytes, its progress and its timings (steps,
+    scoring, when it started and finished); other ranks return None.
     """
     import ray
     import ray.train  # [ray]
@@ -88,10 +89,12 @@ def train_loop_per_worker(config: dict) -> Optional[dict]:
     )  # fmt: skip
 
     checkpoint = ray.train.get_checkpoint()  # [ray] the latest one, after a worker or driver failure
+    sink = config.get("progress")
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             run.restore(os.path.join(folder, STATE_FILE))
-    sink = config.get("progress")
+        if rank == 0 and sink is not None:
+            sink.put({"resumed_from_epoch": run.progress.epoch})
     for record in run.fit(wrap=ray.train.torch.prepare_model):  # [ray] DDP when world > 1
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
@@ -194,11 +197,30 @@ def make_trainer(
     )
 
 
-def _cell_line(experiment: str, seed: int, record: dict) -> str:
-    return (
-        f"{experiment} seed {seed}: epoch {record['epoch']}, step {record['step']}/{record['steps']}, "
-        f"train loss {record['train_loss']:.3f}, val accuracy {100 * record['val_accuracy']:.1f}%"
-    )
+class _CellProgress:
+    """The driver's side of one cell's progress relay: a line per epoch and per restore, and what a restart cost.
+
+    A restarted worker (Ray Train's ``FailureConfig``) continues from the last checkpoint Ray
+    Train registered; epochs its predecessor finished after that checkpoint arrive a second time.
+    ``epochs_recomputed`` counts them (epochs a driver killed before this one trained are not
+    seen here; the partly trained epoch a worker died in is not counted).
+    """
+
+    def __init__(self, experiment: str, seed: int):
+        self.name = f"{experiment} seed {seed}"
+        self.epochs_seen: set[int] = set()
+        self.epochs_recomputed = 0
+
+    def __call__(self, item: dict) -> None:
+        if "resumed_from_epoch" in item:  # a worker restored a checkpoint (after a worker or driver failure)
+            say("train", f"{self.name}: resumed from the checkpoint of epoch {item['resumed_from_epoch']}")
+            return
+        self.epochs_recomputed += item["epoch"] in self.epochs_seen
+        self.epochs_seen.add(item["epoch"])
+        say("train", (
+            f"{self.name}: epoch {item['epoch']}, step {item['step']}/{item['steps']}, "
+            f"train loss {item['train_loss']:.3f}, val accuracy {100 * item['val_accuracy']:.1f}%"
+        ), progress=True)  # fmt: skip
 
 
 def train_experiment(
@@ -249,8 +271,9 @@ def train_experiment(
     )
     log.debug("train: %s seed %d on %d worker(s), gpu=%s -> %s", experiment, seed, t.num_workers, use_gpu, storage_path)
     fit_called = time.time()
+    cell_progress = _CellProgress(experiment, seed)
     try:
-        result = relay.run(trainer.fit, lambda record: say("train", _cell_line(experiment, seed, record), progress=True))
+        result = relay.run(trainer.fit, cell_progress)
     finally:
         if own_relay:
             relay.close()
@@ -288,6 +311,7 @@ def train_experiment(
         code_version=code_version(),
         config_hash=cfg_hash,
         resumed_from_epochs=list(progress["resumed_from_epochs"]),
+        epochs_recomputed=cell_progress.epochs_recomputed,
         device=out["device"],
     )
     storage.write_json(layout.train_metrics(experiment, seed), metrics.to_json())
@@ -376,6 +400,7 @@ def run_train(cfg: Config, storage: Optional[Storage] = None) -> dict:
                 "val_accuracy": m["val"]["accuracy"],
                 "test_accuracy": {d: x["accuracy"] for d, x in m["test"].items()},
                 "resumed_from_epochs": m.get("resumed_from_epochs", []),
+                "epochs_recomputed": m.get("epochs_recomputed", 0),
                 "wall_seconds": m["wall_seconds"],
             }
             for c, m in zip(cells, ordered)

@@ -95,6 +95,47 @@ def make_bucket(endpoint: str, name: str) -> None:
         pass
 
 
+def ray_processes(title: str) -> list:
+    """This process's descendants whose title starts with ``title`` (Ray names workers ``ray::<Actor>[.<method>]``).
+
+    The session's local Ray instance (``ray_local``) runs under this process, so only its
+    workers can match, never those of another test run on the same machine.
+    """
+    import psutil
+
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(process.cmdline()).startswith(title):
+                found.append(process)
+        except psutil.Error:  # it ended while we looked
+            pass
+    return found
+
+
+def train_unfaulted(hp: dict, classes: list[str], seed: int, train, val, sets: dict, unions: dict, threads: int):
+    """The training core alone (:class:`synth.recipe.Run`), in this process: no Ray, no fault.
+
+    What a faulted run is compared with. ``train``, ``val`` and each of ``sets`` are ``(images,
+    labels)``; ``sets`` is scored in one pass, in its order, as the worker or trial scores.
+    ``threads``: the worker's or trial's torch threads (on a CPU they decide the order of sums,
+    so another count gives other numbers); this process's count is put back after. Returns
+    ``(history, scores)``.
+    """
+    import torch
+
+    from synth.recipe import Run
+
+    before = torch.get_num_threads()
+    try:
+        run = Run(hp, len(classes), seed, torch.device("cpu"), train, val, "", threads=threads)
+        for _ in run.fit():
+            pass
+        return run.progress.history, run.scores(sets, classes, unions)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One private local Ray instance for the in-process tests (4 logical CPUs on 2 cores)."""
