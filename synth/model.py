@@ -32,7 +32,6 @@ from __future__ import annotations
 import io
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn

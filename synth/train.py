@@ -35,8 +35,6 @@ import tempfile
 import time
 from typing import Optional
 
-import numpy as np
-import torch
 
 from synth.config import Config, TrainConfig, to_dict
 from synth.model import architecture, model_bytes

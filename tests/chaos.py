@@ -3,8 +3,9 @@
 - :class:`TcpProxy`: sits between synth and the S3 server; ``down()`` refuses new connections and
   cuts open ones (an outage, as clients see a dead server), ``up()`` serves again. The server
   behind it keeps its objects, which a restarted in-memory S3 server would not.
-- :func:`processes`: live processes whose command line holds a text (Ray names its workers
-  ``ray::<Actor or task>``), for killing them.
+- :func:`wait_for`: poll until a condition holds (a shard landed, a process appeared).
+
+Processes to kill are found with ``conftest.ray_processes`` (this test process's own Ray workers).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-
-import psutil
 
 
 class TcpProxy:
@@ -83,18 +82,6 @@ class TcpProxy:
                     pass
             with self._lock:
                 self._open -= {src, dst}
-
-
-def processes(text: str) -> list[psutil.Process]:
-    """Live processes whose command line contains ``text`` (e.g. ``ray::MapWorker``)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and text in " ".join(proc.info["cmdline"] or ()):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:

@@ -18,8 +18,8 @@ import time
 import pyarrow as pa
 import pytest
 
-from chaos import TcpProxy, processes, wait_for
-from conftest import REPO, make_bucket
+from chaos import TcpProxy, wait_for
+from conftest import REPO, make_bucket, ray_processes
 from synth.config import load_config
 from synth.generate import existing_shards, run_generate
 from synth.images import encode_png
@@ -30,6 +30,7 @@ from synth.verify import check_generate, run_verify
 
 SLOW = "synth.testkit:SlowClassAwareTestGenerator"
 CLASS_AWARE = "synth.testkit:ClassAwareTestGenerator"
+GENERATION_ACTOR = "ray::MapWorker(MapBatches(ShardGenerator))"  # Ray's title for the actor process
 
 
 def config(root, *extra, run="f"):
@@ -88,7 +89,7 @@ def test_generation_actors_killed_repeatedly_over_a_thousand_images(tmp_path, ra
     assert wait_for(lambda: existing_shards(storage, layout), timeout=120), "no shard landed"
     kills, rng = 0, random.Random(0)
     while driver.is_alive() and len(existing_shards(storage, layout)) < 36:  # 42 shards; stop before the last few
-        actors = processes("ShardGenerator")
+        actors = ray_processes(GENERATION_ACTOR)
         if actors:
             rng.choice(actors).kill()
             kills += 1

@@ -6,12 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
 from conftest import REPO, make_bucket, synth_imports
@@ -122,37 +120,6 @@ def test_s3_root_gives_the_same_result_as_local(tmp_path, tiny_sd, s3_server, ra
     local_manifest, local_images = read_generated(Storage(str(tmp_path)))
     s3_manifest, s3_images = read_generated(s3)
     assert local_manifest == s3_manifest and local_images == s3_images
-
-
-def _generation_actor_pids() -> list[int]:
-    return [
-        p.pid
-        for p in psutil.process_iter(["cmdline"])
-        if any("ShardGenerator" in part for part in (p.info["cmdline"] or []))
-    ]
-
-
-def test_killed_generation_actor_is_replaced_and_nothing_duplicates(tmp_path, tiny_sd, ray_local):
-    from synth.generate import run_generate
-
-    # 256 px renders slowly enough on a CPU to kill an actor mid-run.
-    cfg = tiny_config(
-        tmp_path, f"generate.model={tiny_sd}", "prompts.per_class=8", "generate.shard_size=2",
-        "generate.height=256", "generate.width=256",
-    )  # fmt: skip
-    storage, layout = Storage(str(tmp_path)), Layout("t")
-    result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(run_generate(cfg)))
-    worker.start()
-    deadline = time.time() + 120
-    while time.time() < deadline and not existing_shards(storage, layout):
-        time.sleep(0.05)
-    pids = _generation_actor_pids()
-    assert pids and len(existing_shards(storage, layout)) < 24, "the kill must land mid-run"
-    os.kill(pids[0], signal.SIGKILL)
-    worker.join(timeout=300)
-    assert result["images_total"] == 48 and result["shards_generated"] == 24
-    assert_complete(storage, 8)
 
 
 def _settled_shard_count(storage: Storage, layout: Layout, quiet_seconds: float = 3.0) -> int:
