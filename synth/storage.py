@@ -318,7 +318,7 @@ class Storage:
     def _list_all(self, prefix: str) -> list[tuple[str, int]]:
         prefix = prefix.strip("/")
         if self.is_s3:
-            base = self._s3_key(prefix) + "/"
+            base = self._s3_key(prefix) + "/" if self._s3_key(prefix) else ""  # "": the whole bucket
             strip = len(self.prefix) + 1 if self.prefix else 0
 
             def listing() -> list[tuple[str, int]]:

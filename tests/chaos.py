@@ -39,6 +39,10 @@ class TcpProxy:
         """Refuse new connections and reset the open ones."""
         listener, self._listener = self._listener, None
         if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread; close alone would not
+            except OSError:
+                pass
             listener.close()
         with self._lock:
             for conn in list(self._open):

@@ -133,7 +133,7 @@ def _settled_shard_count(storage: Storage, layout: Layout, quiet_seconds: float 
 
 
 @pytest.mark.slow
-def test_killed_driver_then_rerun_completes_exactly_once(tmp_path, tiny_sd):
+def test_killed_driver_then_rerun_completes_exactly_once(tmp_path, tiny_sd, fault_figures):
     args = [
         f"storage.root={tmp_path}", f"generate.model={tiny_sd}", "run=t", "prompts.per_class=8",
         "generate.shard_size=2", "generate.height=256", "generate.width=256",
@@ -157,7 +157,8 @@ def test_killed_driver_then_rerun_completes_exactly_once(tmp_path, tiny_sd):
     summary = storage.read_json(layout.summary("generate"))
     assert summary["shards_already_stored"] == done_before
     assert summary["shards_generated"] == 24 - done_before
-    assert_complete(storage, 8)
+    manifest = assert_complete(storage, 8)
+    fault_figures(shards_before_kill=done_before, remade_after=summary["shards_generated"], images=len(manifest), missing=0, duplicated=0)
 
     finished = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=loud)
     assert finished.returncode == 0

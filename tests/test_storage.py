@@ -61,3 +61,52 @@ def test_unwritable_and_bad_roots(tmp_path, s3_server, s3_server_with_auth):
         Storage("s3://any/x", s3_endpoint_url=s3_server_with_auth).check_writable()
     with pytest.raises(StorageError, match="only local folders and s3://"):
         Storage("gs://bucket/x")
+
+
+def _claims(storage: Storage):
+    assert storage.create("run/plan.json", b"first") is True
+    assert storage.create("run/plan.json", b"second") is False, "a second claim of a key is refused"
+    assert storage.read_bytes("run/plan.json") == b"first", "and leaves the first claim's content"
+    assert storage.list("run") == ["run/plan.json"]
+
+
+def test_create_is_an_atomic_claim_locally(tmp_path):
+    storage = Storage(str(tmp_path / "root"))
+    storage.check_writable()
+    assert not any((tmp_path / "root").iterdir()), "the write probe leaves nothing behind, not even a folder"
+    _claims(storage)
+    assert not [p for p in (tmp_path / "root").rglob("*") if PARTIAL_MARK in p.name]
+
+
+def test_create_is_an_atomic_claim_on_s3(s3_server):
+    make_bucket(s3_server, "claims")
+    storage = Storage("s3://claims/p", s3_endpoint_url=s3_server)
+    storage.check_writable()
+    assert storage.conditional_writes is True, "moto honours If-None-Match: the probe must say so"
+    _claims(storage)
+    fallback = Storage("s3://claims/q", s3_endpoint_url=s3_server)
+    fallback.conditional_writes = False  # what the probe decides for a server that ignores the condition
+    _claims(fallback)
+
+
+def test_s3_outage_shorter_than_the_window_is_waited_out_and_a_longer_one_is_one_error(s3_server):
+    import threading
+    import time
+
+    from chaos import TcpProxy
+
+    make_bucket(s3_server, "flaky")
+    proxy = TcpProxy(int(s3_server.rsplit(":", 1)[1]))
+    storage = Storage("s3://flaky", s3_endpoint_url=proxy.url, retry_seconds=30)
+    storage.write_bytes("k", b"v")
+    proxy.down()
+    threading.Timer(2.0, proxy.up).start()
+    start = time.monotonic()
+    assert storage.read_bytes("k") == b"v"  # refused for ~2 s, then served
+    assert time.monotonic() - start >= 1.5
+    proxy.down()
+    impatient = Storage("s3://flaky", s3_endpoint_url=proxy.url, retry_seconds=1)
+    with pytest.raises(StorageError, match=r"kept failing for 1 s .*rerun the same command"):
+        impatient.read_bytes("k")
+    proxy.up()
+    assert impatient.list("") == ["k"]
