@@ -47,7 +47,7 @@ import pyarrow as pa
 
 from synth.config import Config, ConfigError, GenerateConfig, class_slug
 from synth.images import encode_png
-from synth.progress import rate, say
+from synth.progress import plural, rate, say
 from synth.shards import MANIFEST_COLUMNS, META_PLAN, check_shard, plan_sha256, shard_number, shard_table
 from synth.storage import TRANSIENT_MARK, Layout, Storage, StorageError, parquet_bytes
 
@@ -505,7 +505,7 @@ def run_ray_generation(
         ShardGenerator,
         fn_constructor_args=(g, list(classes), storage, run),
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=g.num_actors),
+        compute=ray.data.ActorPoolStrategy(size=min(g.num_actors, len(items))),  # no idle actor for a short todo list
         num_gpus=num_gpus,
         # A CPU actor still needs a CPU slot; a GPU actor's CPU work is light.
         num_cpus=1 if num_gpus == 0 else 0.5,
@@ -563,7 +563,7 @@ def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
     stored_at_start = len(scan.good)
     if scan.stray:
         names = ", ".join(k.rsplit("/", 1)[-1] for k in scan.stray[:3])
-        say("generate", f"ignoring {len(scan.stray)} stray objects under {storage.uri(layout.generate_shards)} ({names}"
+        say("generate", f"ignoring {plural(len(scan.stray), 'stray object')} under {storage.uri(layout.generate_shards)} ({names}"
             f"{', ...' if len(scan.stray) > 3 else ''}): no plan writes those names")  # fmt: skip
     results: list[dict] = []
     quarantined: list[str] = []
@@ -579,7 +579,7 @@ def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
             say("generate", f"{prompts.num_rows:,} images in {len(shards)} shards with {model_name(cfg.generate)}: "
                 f"{len(scan.good)} shards stored, {len(todo)} to make ({to_make:,} images)")  # fmt: skip
         elif todo:
-            say("generate", f"{len(todo)} shards went missing or bad during the run; making them again")
+            say("generate", f"{plural(len(todo), 'shard')} went missing or bad during the run; making them again")
         if not todo:
             break
         if attempt == MAX_PASSES:
@@ -597,7 +597,7 @@ def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
     made = int(sum(r["images"] for r in results if r["status"] == WRITTEN))
     by_other = sum(1 for r in results if r["status"] == PRESENT)
     if by_other:
-        say("generate", f"{by_other} shards were already stored when this driver went to write them (another driver "
+        say("generate", f"{plural(by_other, 'shard')} already stored when this driver went to write them (another driver "
             "running this run with the same plan, or a retried task); they were checked and kept")  # fmt: skip
 
     # 3. The manifest, from the checked shards, then the summary.

@@ -53,6 +53,11 @@ def say(stage: str, text: str, progress: bool = False) -> None:
         print(line, flush=True)
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 shard``, ``3 shards``, ``1,204 images``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def rate(done: int, total: int, seconds: float, unit: str, since: int = 0) -> str:
     """``"120/384 images, 14.2 images/s, ETA 19 s"``; the speed counts the ``done - since`` made in ``seconds``."""
     speed = (done - since) / seconds if seconds > 0 else 0.0

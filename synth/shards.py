@@ -107,7 +107,8 @@ def check_shard(data: bytes, shard: int, plan: str, ids: Optional[Sequence[str]]
     try:
         table = pq.read_table(io.BytesIO(data), page_checksum_verification=True)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        return ShardCheck(CORRUPT, f"not readable as Parquet ({str(exc).splitlines()[0][:80]}); truncated or overwritten")
+        detail = str(exc).splitlines()[0].replace("Could not open Parquet input source '<Buffer>': ", "")
+        return ShardCheck(CORRUPT, f"not readable as Parquet ({detail}): truncated or overwritten")
     meta = table.schema.metadata or {}
     if META_CONTENT not in meta or META_PLAN not in meta or META_SHARD not in meta:
         return ShardCheck(CORRUPT, "carries no checksum (written by an older synth or another tool)")

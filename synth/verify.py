@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 from synth.config import Config, ConfigError
-from synth.progress import say
+from synth.progress import plural, say
 from synth.storage import Layout, Storage
 
 MISSING, CORRUPT, FOREIGN, EXTRA = "missing", "corrupt", "foreign", "extra"
@@ -281,7 +281,7 @@ def _say_check(storage: Storage, layout: Layout, check: StageCheck) -> None:
         say("verify", f"{check.stage}: not run")
         return
     extra = [f for f in check.findings if f.kind == EXTRA]
-    tail = f"; {len(extra)} stray objects ignored" if extra else ""
+    tail = f"; {plural(len(extra), 'stray object')} ignored" if extra else ""
     if not check.problems:
         say("verify", f"{check.stage}: ok ({check.note}){tail}")
         return
@@ -322,7 +322,7 @@ def run_verify(cfg: Config, storage: Optional[Storage] = None, repair: bool = Fa
                     target = layout.quarantine(check.stage, f.key.rsplit("/", 1)[-1])
                     storage.move(f.key, target)
                     moved.append(storage.uri(target))
-            say("verify", f"repairing {check.stage}" + (f": {len(moved)} objects moved to quarantine" if moved else ""))
+            say("verify", f"repairing {check.stage}" + (f": {plural(len(moved), 'object')} moved to quarantine" if moved else ""))
             _stage_runner(check.stage)(cfg, storage)
             repaired[check.stage] = moved
         checks = verify_run(cfg, storage)
@@ -334,7 +334,7 @@ def run_verify(cfg: Config, storage: Optional[Storage] = None, repair: bool = Fa
         "stages": {c.stage: {**asdict(c), "problems": len(c.problems)} for c in checks},
         "wall_seconds": round(time.perf_counter() - start, 3),
     }
-    verdict = "the run is whole" if not after else f"{after} problems remain"
+    verdict = "the run is whole" if not after else f"{plural(after, 'problem')} remain" + ("s" if after == 1 else "")
     hint = "" if after == 0 or repair else "; python -m ray_jobs.verify <config> --repair remakes what can be remade"
     say("verify", f"{verdict}{hint}")
     return write_stage_summary(storage, cfg, "verify", summary)

@@ -3,7 +3,8 @@
 Each test records its figures (``fault_figures``): images missing, duplicated, corrupt and
 foreign afterwards, and how many images differ from what an unfaulted run makes (the
 class-aware test generator is deterministic, so the unfaulted images are computed here).
-Injectors are in ``tests/chaos.py``. The training side is in ``test_faults_train.py``.
+Injectors are in ``tests/chaos.py``. The training side is in ``test_train.py`` and ``test_tune.py``
+(killed workers, trials and drivers).
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def test_damaged_shards_are_found_quarantined_and_remade(tmp_path, ray_local, fa
     summary = run_generate(cfg)
     said = capsys.readouterr().out
     assert summary["shards_generated"] == 5 and len(summary["shards_quarantined"]) == 4
-    assert "ignoring 1 stray objects" in said and "shard 3 is corrupt" in said
+    assert "ignoring 1 stray object under" in said and "shard 3 is corrupt" in said
     remade = {p.name: p.read_bytes() for p in shards.iterdir() if p.name != "shard-00003 (copy).parquet"}
     assert remade == original, "remade shards are byte-identical to the ones first made"
     figures = audit(cfg, storage)
