@@ -182,7 +182,7 @@ def _manifest_ids(storage: Storage, layout: Layout) -> set:
 
 def check_train(cfg: Config, storage: Storage) -> StageCheck:
     from synth.model import load_model
-    from synth.records import RecordError, TrainMetrics
+    from synth.records import TrainMetrics
     from synth.train import config_hash, experiment_name
 
     layout, t = Layout(cfg.run), cfg.train
@@ -194,18 +194,11 @@ def check_train(cfg: Config, storage: Storage) -> StageCheck:
             experiment = experiment_name(domain)
             key, model_key = layout.train_metrics(experiment, seed), layout.train_model(experiment, seed)
             check.checked += 2
-            obj = storage.read_json_or_none(key)
-            if obj is None:
-                kind = CORRUPT if storage.exists(key) else MISSING
-                check.findings.append(Finding(kind, key, "not JSON" if kind == CORRUPT else ""))
-                continue
-            try:
-                TrainMetrics.from_json(obj)
-            except RecordError as exc:
-                check.findings.append(Finding(CORRUPT, key, str(exc)))
-                continue
-            if obj.get("config_hash") != config_hash(cfg, domain, seed):
-                check.findings.append(Finding(FOREIGN, key, "made with another recipe or data; the train stage redoes it"))
+            finding = _record_finding(storage, key, TrainMetrics, "config_hash", config_hash(cfg, domain, seed))
+            if finding is not None:
+                check.findings.append(finding)
+                if finding.kind != FOREIGN:
+                    continue
             try:
                 load_model(storage.read_bytes(model_key))
             except FileNotFoundError:
@@ -216,8 +209,27 @@ def check_train(cfg: Config, storage: Storage) -> StageCheck:
     return check
 
 
+def _record_finding(storage: Storage, key: str, record, hash_key: str, expected: str) -> Optional[Finding]:
+    """What is wrong with one stage record (``metrics.json``, a trial's record), or None: valid and this config's.
+
+    A record of another config (its hash differs) is FOREIGN: the stage's rerun redoes it.
+    """
+    from synth.records import RecordError
+
+    obj = storage.read_json_or_none(key)
+    if obj is None:
+        return Finding(CORRUPT, key, "not JSON") if storage.exists(key) else Finding(MISSING, key)
+    try:
+        record.from_json(obj)
+    except RecordError as exc:
+        return Finding(CORRUPT, key, str(exc))
+    if obj.get(hash_key) != expected:
+        return Finding(FOREIGN, key, "made with another config; the stage's rerun redoes it")
+    return None
+
+
 def check_tune(cfg: Config, storage: Storage) -> StageCheck:
-    from synth.records import RecordError, TrialRecord
+    from synth.records import TrialRecord
     from synth.tune import experiment_name, sweep_hash, trial_hash
 
     layout, u = Layout(cfg.run), cfg.tune
@@ -229,18 +241,9 @@ def check_tune(cfg: Config, storage: Storage) -> StageCheck:
         for seed in u.seeds:
             key = layout.tune_trial(experiment, ratio, seed)
             check.checked += 1
-            obj = storage.read_json_or_none(key)
-            if obj is None:
-                kind = CORRUPT if storage.exists(key) else MISSING
-                check.findings.append(Finding(kind, key, "not JSON" if kind == CORRUPT else ""))
-                continue
-            try:
-                TrialRecord.from_json(obj)
-            except RecordError as exc:
-                check.findings.append(Finding(CORRUPT, key, str(exc)))
-                continue
-            if obj.get("trial_hash") != trial_hash(sh, ratio, seed):
-                check.findings.append(Finding(FOREIGN, key, "made with another sweep config; the tune stage redoes it"))
+            finding = _record_finding(storage, key, TrialRecord, "trial_hash", trial_hash(sh, ratio, seed))
+            if finding is not None:
+                check.findings.append(finding)
     check.note = f"{check.checked} trials"
     return check
 

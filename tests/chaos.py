@@ -95,3 +95,41 @@ def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return False
+
+
+class KillWhen:
+    """Around the faulted work: SIGKILL the processes ``find()`` returns once ``ready()`` gives a mark.
+
+    ``ready()`` returns None until the moment has come (e.g. the first checkpoint registered),
+    then a mark of it (the epoch), kept in ``mark``; ``killed`` lists the processes it killed.
+    A watcher thread polls every 50 ms for at most ``timeout`` seconds and stops when the
+    ``with`` block ends, so a kill that never landed shows as an empty ``killed``.
+    """
+
+    def __init__(self, ready, find, timeout: float):
+        self.ready, self.find, self.timeout = ready, find, timeout
+        self.mark, self.killed = None, []
+        self._done = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not self._done.is_set() and time.monotonic() < deadline:
+            mark = self.ready()
+            if mark is not None:  # the work goes on: the kill lands after this mark
+                self.mark, self.killed = mark, self.find()
+                for process in self.killed:
+                    process.kill()
+                return
+            time.sleep(0.05)
+
+    def __enter__(self) -> "KillWhen":
+        self._watcher.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._watcher.join(timeout=10)
+
+    def __repr__(self) -> str:
+        return f"KillWhen(mark={self.mark}, killed={[p.pid for p in self.killed]})"

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from chaos import KillWhen
 from conftest import ray_processes, train_unfaulted
 from synth.config import load_config, to_dict
 from synth.model import ArchitectureMismatchError, architecture, build_model, load_model
@@ -261,33 +261,16 @@ def test_killed_worker_resumes_exactly_from_last_checkpoint(root, ray_cluster, c
     cfg = make_config(root, "killed-worker", *overrides)
     storage = Storage.from_config(cfg.storage)
     write_dataset(storage, cfg.run, cfg.prompts.classes)
-    kill: dict = {"workers": []}
-    done = threading.Event()
-
-    def kill_the_worker_after_its_first_checkpoint() -> None:
-        deadline = time.monotonic() + 240
-        while not done.is_set() and time.monotonic() < deadline:
-            registered = registered_epochs(cfg)
-            if registered:  # the worker trains on: the kill lands in a later epoch
-                kill.update(after_epoch=max(registered), workers=ray_processes(WORKER))
-                for worker in kill["workers"]:
-                    worker.kill()  # SIGKILL
-                return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_the_worker_after_its_first_checkpoint, daemon=True)
-    killer.start()
-    try:
+    # The worker trains on after its first registered checkpoint: the kill lands in a later epoch.
+    first_checkpoint = lambda: max(registered_epochs(cfg), default=None)  # noqa: E731
+    with KillWhen(first_checkpoint, lambda: ray_processes(WORKER), timeout=240) as kill:
         summary = run_train(cfg, storage)
-    finally:
-        done.set()
-        killer.join(timeout=10)
-    assert len(kill["workers"]) == 1, f"the kill must find the cell's one worker mid-run: {kill}"
+    assert len(kill.killed) == 1, f"the kill must find the cell's one worker mid-run: {kill}"
 
     m = TrainMetrics.from_json(storage.read_json(Layout(cfg.run).train_metrics("train-real", 0)))  # a valid metrics.json
     assert summary["cells_trained"] == 1 and len(m.resumed_from_epochs) == 1, m.resumed_from_epochs
     resumed = m.resumed_from_epochs[0]
-    assert kill["after_epoch"] <= resumed <= 10, (kill, resumed)  # its last checkpoint, not scratch, well before the end
+    assert kill.mark <= resumed <= 10, (kill, resumed)  # its last checkpoint, not scratch, well before the end
     assert m.epochs_recomputed <= 1  # at most the epoch reported but not yet registered when it died
     assert [h["epoch"] for h in m.history] == list(range(1, 21)) and m.history[-1]["step"] == 60
     assert f"[train] train-real seed 0: resumed from the checkpoint of epoch {resumed}" in capsys.readouterr().out
@@ -295,7 +278,7 @@ def test_killed_worker_resumes_exactly_from_last_checkpoint(root, ray_cluster, c
     assert without_timings(m.history) == without_timings(reference["history"])
     assert m.val == reference["val"] and m.test == reference["test"]
     fault_figures(
-        killed_after_epoch=kill["after_epoch"], restores=len(m.resumed_from_epochs), resumed_from_epoch=resumed,
+        killed_after_epoch=kill.mark, restores=len(m.resumed_from_epochs), resumed_from_epoch=resumed,
         epochs_recomputed=m.epochs_recomputed, accuracy=m.test["real"]["accuracy"],
         accuracy_unfaulted=reference["test"]["real"]["accuracy"],
     )  # fmt: skip

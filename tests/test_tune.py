@@ -19,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from chaos import KillWhen
 from conftest import REPO, ray_processes, train_unfaulted
 from ray_jobs._cli import main as cli_main
 from synth.config import ConfigError, TuneConfig, load_config, to_dict
@@ -371,28 +371,11 @@ def test_killed_trial_resumes_from_its_checkpoint(root, real_fixture, ray_local,
     cfg, storage = prepare(root, real_fixture, "killed-trial", *overrides)
     layout, experiment = Layout(cfg.run), experiment_name(cfg)
     result_file = root / layout.tune_ray_results / experiment / "ratio-0.25-seed-0" / "result.json"
-    kill: dict = {"trials": []}
-    done = threading.Event()
-
-    def kill_the_trial_after_two_reports() -> None:
-        deadline = time.monotonic() + 180
-        while not done.is_set() and time.monotonic() < deadline:
-            logged = logged_epochs(result_file)
-            if len(logged) >= 2:  # the trial trains on: the kill lands in a later epoch
-                kill.update(after_epoch=max(logged), trials=ray_processes(TRIAL))
-                for trial in kill["trials"]:
-                    trial.kill()  # SIGKILL
-                return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_the_trial_after_two_reports, daemon=True)
-    killer.start()
-    try:
+    # The trial trains on after its second report: the kill lands in a later epoch.
+    second_report = lambda: max(logged) if len(logged := logged_epochs(result_file)) >= 2 else None  # noqa: E731
+    with KillWhen(second_report, lambda: ray_processes(TRIAL), timeout=180) as kill:
         summary = run_tune(cfg, storage)
-    finally:
-        done.set()
-        killer.join(timeout=10)
-    assert len(kill["trials"]) == 1, f"the kill must find the sweep's one trial mid-run: {kill}"
+    assert len(kill.killed) == 1, f"the kill must find the sweep's one trial mid-run: {kill}"
 
     assert summary["trials_completed"] == summary["trials_trained"] == 1 and summary["trials_failed"] == 0
     rows = storage.read_json(f"{layout.tune_results}.json")["rows"]
@@ -408,7 +391,7 @@ def test_killed_trial_resumes_from_its_checkpoint(root, real_fixture, ray_local,
     assert without_timings(record.history) == without_timings(reference["history"])
     assert record.val == reference["val"] and record.test == reference["test"]
     fault_figures(
-        killed_after_epoch=kill["after_epoch"], restores=len(record.resumed_from_epochs),
+        killed_after_epoch=kill.mark, restores=len(record.resumed_from_epochs),
         resumed_from_epoch=record.resumed_from_epochs[0], epochs_recomputed=recomputed,
         accuracy=record.test["real"]["accuracy"], accuracy_unfaulted=reference["test"]["real"]["accuracy"],
     )  # fmt: skip
