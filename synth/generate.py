@@ -49,7 +49,7 @@ from synth.config import Config, ConfigError, GenerateConfig, class_slug
 from synth.images import encode_png
 from synth.progress import plural, rate, say
 from synth.shards import MANIFEST_COLUMNS, META_PLAN, check_shard, plan_sha256, shard_number, shard_table
-from synth.storage import TRANSIENT_MARK, Layout, Storage, StorageError, parquet_bytes
+from synth.storage import TRANSIENT_MARK, Layout, Storage, StorageError, parquet_bytes, quarantine
 
 log = logging.getLogger(__name__)
 
@@ -453,16 +453,6 @@ def scan_shards(
                 scan.corrupt[k] = result.reason
     scan.missing.sort()
     return scan
-
-
-def quarantine(storage: Storage, layout: Layout, key: str, stage: str) -> str:
-    """Move a bad object out of the stage's way (kept, not deleted); returns where it went."""
-    target = layout.quarantine(stage, key.rsplit("/", 1)[-1])
-    try:
-        storage.move(key, target)
-    except FileNotFoundError:
-        pass  # gone already: nothing to keep
-    return target
 
 
 def claim_plan(storage: Storage, layout: Layout, plan: dict) -> None:

@@ -429,6 +429,14 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
+def quarantine(storage: Storage, layout: "Layout", key: str, stage: str) -> str:
+    """Move a bad object out of its stage's way, kept for a look (:meth:`Layout.quarantine`); returns where it went."""
+    target = layout.quarantine(stage, key.rsplit("/", 1)[-1])
+    with contextlib.suppress(FileNotFoundError):  # gone already: nothing to keep
+        storage.move(key, target)
+    return target
+
+
 def trial_tag(ratio: float, seed: int) -> str:
     """The name of a tune trial: ``ratio-0.25-seed-1`` (ratios are distinct to 6 digits)."""
     return f"ratio-{ratio:.6g}-seed-{seed}"

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 from synth.config import Config, ConfigError
 from synth.progress import plural, say
-from synth.storage import Layout, Storage
+from synth.storage import Layout, Storage, quarantine
 
 MISSING, CORRUPT, FOREIGN, EXTRA = "missing", "corrupt", "foreign", "extra"
 STAGES = ("prompts", "generate", "dataset", "train", "tune")
@@ -181,14 +181,14 @@ def _manifest_ids(storage: Storage, layout: Layout) -> set:
 
 
 def check_train(cfg: Config, storage: Storage) -> StageCheck:
-    from synth.model import load_model
-    from synth.records import TrainMetrics
-    from synth.train import config_hash, experiment_name
-
     layout, t = Layout(cfg.run), cfg.train
     check = StageCheck("train", ran=storage.exists(layout.config_file("train")))
     if not check.ran:
         return check
+    from synth.model import load_model
+    from synth.records import TrainMetrics
+    from synth.train import config_hash, experiment_name
+
     for domain in t.experiments:
         for seed in t.seeds:
             experiment = experiment_name(domain)
@@ -229,13 +229,13 @@ def _record_finding(storage: Storage, key: str, record, hash_key: str, expected:
 
 
 def check_tune(cfg: Config, storage: Storage) -> StageCheck:
-    from synth.records import TrialRecord
-    from synth.tune import experiment_name, sweep_hash, trial_hash
-
     layout, u = Layout(cfg.run), cfg.tune
     check = StageCheck("tune", ran=storage.exists(layout.config_file("tune")))
     if not check.ran:
         return check
+    from synth.records import TrialRecord
+    from synth.tune import experiment_name, sweep_hash, trial_hash
+
     experiment, sh = experiment_name(cfg), sweep_hash(cfg)
     for ratio in u.ratios:
         for seed in u.seeds:
@@ -257,14 +257,21 @@ CHECKS: dict[str, Callable[[Config, Storage], StageCheck]] = {
 }
 
 
-def _stage_runner(stage: str) -> Callable:
-    from synth.dataset import run_dataset
-    from synth.generate import run_generate
-    from synth.prompts import run_prompts
-    from synth.train import run_train
-    from synth.tune import run_tune
+# Each stage's own function, imported only when its stage needs repair.
+RUNNERS = {
+    "prompts": "synth.prompts:run_prompts",
+    "generate": "synth.generate:run_generate",
+    "dataset": "synth.dataset:run_dataset",
+    "train": "synth.train:run_train",
+    "tune": "synth.tune:run_tune",
+}
 
-    return {"prompts": run_prompts, "generate": run_generate, "dataset": run_dataset, "train": run_train, "tune": run_tune}[stage]
+
+def _stage_runner(stage: str) -> Callable:
+    import importlib
+
+    module, _, name = RUNNERS[stage].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,9 +329,7 @@ def run_verify(cfg: Config, storage: Optional[Storage] = None, repair: bool = Fa
             moved = []
             for f in check.problems:
                 if f.kind in (CORRUPT, FOREIGN) and storage.exists(f.key):
-                    target = layout.quarantine(check.stage, f.key.rsplit("/", 1)[-1])
-                    storage.move(f.key, target)
-                    moved.append(storage.uri(target))
+                    moved.append(storage.uri(quarantine(storage, layout, f.key, check.stage)))
             say("verify", f"repairing {check.stage}" + (f": {plural(len(moved), 'object')} moved to quarantine" if moved else ""))
             _stage_runner(check.stage)(cfg, storage)
             repaired[check.stage] = moved
