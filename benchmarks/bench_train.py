@@ -20,7 +20,7 @@ all in one run, as ratios to fp32 contiguous on one thread.
 with a checkpoint and report every epoch; ``ray_over_plain`` is their ratio (aim >= 0.9).
 
     python benchmarks/bench_train.py --mode stage --images 27000 --val-images 3000 --test-images 6000 \\
-        --width 1 --steps 500 --cpus 2 --epoch-val-images 1000   # configs/cpu.yaml's real -> real cell, ~12 min
+        --width 1 --steps 420 --cpus 2 --epoch-val-images 1000   # configs/cpu.yaml's real -> real cell, ~13 min
     python benchmarks/bench_train.py --mode stage --images 27000 --val-images 3000 --test-images 6000 \\
         --width 0.5 --steps 200 --cpus 2          # a shorter CPU cell (~3 min)
     python benchmarks/bench_train.py --mode stage --images 4096 --steps 40 --width 0.25   # quick CPU check
@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from synth.config import RayConfig, TrainConfig, load_config, to_dict  # noqa: E402
-from synth.recipe import Run, budget  # noqa: E402
+from synth.recipe import Run, bf16_is_fast, budget  # noqa: E402
 
 CLASSES = ["bird", "cat", "deer", "dog", "frog", "horse"]
 
@@ -242,7 +242,7 @@ def bench_arithmetic(args, device: torch.device) -> dict:
     for row in rows:
         row["images_per_second"] = round(row["images_per_second"], 1)
         row["over_fp32_contiguous_1_thread"] = round(row["images_per_second"] / base, 2)
-    return {"rows": rows, "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) if device.type == "cpu" else True}
+    return {"rows": rows, "bf16_native": bf16_is_fast(device)}
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ def parse(argv: list[str], stage: str) -> Config:
     return load_config(path, overrides)
 
 
-USER_ERRORS = (ConfigError, StorageError, ValueError)
+USER_ERRORS = (StorageError, ValueError)  # ConfigError is a ValueError
 REMOTE_ERROR = re.compile(r"^\s*(synth\.storage\.StorageError|synth\.config\.ConfigError): (.+)$", re.MULTILINE)
 
 

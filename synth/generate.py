@@ -578,8 +578,7 @@ def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
                 "missing or bad: something else deletes or overwrites them. Fix: stop whatever writes there, then rerun"
             )
         tick = time.perf_counter()
-        if not results:
-            init_ray(cfg.ray)
+        init_ray(cfg.ray)  # joins once; a later pass finds Ray up
         results += _generate_with_progress(storage, cfg, gen_cfg, todo, plan_hash)
         gen_seconds += time.perf_counter() - tick
         scan = scan_shards(storage, layout, ids, plan_hash, known=scan)

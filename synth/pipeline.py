@@ -6,7 +6,6 @@ skips finished work stage by stage (generate by shard, train by (experiment, see
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Optional
 
@@ -14,7 +13,6 @@ from synth.config import Config
 from synth.progress import say
 from synth.storage import Storage
 
-log = logging.getLogger(__name__)
 
 
 def run_pipeline(cfg: Config, storage: Optional[Storage] = None) -> dict:

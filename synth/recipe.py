@@ -386,7 +386,7 @@ class Run:
         threads: Optional[int] = None,
     ):
         self.hp, self.seed, self.device, self.rank, self.world = hp, seed, device, rank, world
-        self.precision = resolve_precision(hp.get("precision", "auto"), device)
+        self.precision = resolve_precision(hp["precision"], device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each conv once
         elif threads:
@@ -395,7 +395,7 @@ class Run:
         self.budget = budget(len(train_images), hp["batch_size"], hp["steps"], world)
         self.x_train = to_device_images(train_images[rank::world], device)  # (n, 3, H, W) uint8
         self.y_train = to_device_labels(train_labels[rank::world], device)
-        every = epoch_val_stride(len(val[1]), hp.get("epoch_val_images"))
+        every = epoch_val_stride(len(val[1]), hp["epoch_val_images"])
         self.x_val = to_device_images(val[0][::every][rank::world], device)  # per-epoch validation only
         self.y_val = to_device_labels(val[1][::every][rank::world], device)
 
@@ -406,7 +406,6 @@ class Run:
         self.model: nn.Module = model
         self.optimizer, self.scheduler = make_optimizer(model, hp, hp["steps"])
         self.progress = Progress(config_hash=config_hash)
-        self.train_seconds = 0.0
 
     @property
     def net(self) -> Net:
@@ -420,6 +419,11 @@ class Run:
 
     def save(self, path: str) -> None:
         save_state(path, self.model, self.optimizer, self.scheduler, self.progress)
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds of optimizer steps over every epoch trained, before a restore included."""
+        return sum(h["seconds"] for h in self.progress.history)
 
     @property
     def done(self) -> bool:
@@ -446,14 +450,14 @@ class Run:
                 self.model, self.optimizer, self.scheduler, self.x_train, self.y_train, b.per_rank_batch, steps,
                 hp["translate"], hp["label_smoothing"], self.precision,
             )  # fmt: skip
-            train_loss = self._all_reduce(loss_sum / steps) / self.world  # waits for the device once
+            # float() waits for the device (a CUDA step returns before it has run): the epoch's true time.
+            train_loss = float(self._all_reduce(loss_sum / steps) / self.world)
             seconds = time.perf_counter() - tick
-            self.train_seconds += seconds
             val = self._all_reduce(evaluate(self.net, self.x_val, self.y_val, hp["eval_batch_size"], EPOCH_VAL_TTA, self.precision))
             record = {
                 "epoch": epoch,
                 "step": self.progress.step + steps,
-                "train_loss": float(train_loss),
+                "train_loss": train_loss,
                 "val_accuracy": float(val[0] / max(float(val[2]), 1.0)),
                 "val_loss": float(val[1] / max(float(val[2]), 1.0)),
                 "seconds": round(seconds, 4),

@@ -24,10 +24,13 @@ from typing import Iterable
 
 import numpy as np
 
+from synth.config import TUNE_MODES
 from synth.storage import Layout, Storage
 
 MIX_SALT = 0x5EED  # keeps the draw of a mix apart from the training randomness of the same seed
-MODES = ("fixed_budget", "augment")
+# Test domains scored as the union of others' test splits (the mixture's train and val sets
+# are drawn by mix(); its test set is the union).
+UNIONS = {"mixture": ("real", "synthetic")}
 
 
 @dataclass
@@ -102,7 +105,7 @@ def composition(n_real: int, n_synthetic: int, fraction: float, mode: str = "fix
                 f"{n_synthetic / max(n_real, 1):.2f}, or use tune.mode=fixed_budget"
             )
         return n_real, synthetic
-    raise ValueError(f"mode={mode!r} is unknown; choose one of {', '.join(MODES)}")
+    raise ValueError(f"mode={mode!r} is unknown; choose one of {', '.join(TUNE_MODES)}")
 
 
 def mix(real: Split, synthetic: Split, fraction: float, seed: int, mode: str = "fixed_budget") -> Split:
@@ -143,12 +146,6 @@ class SplitCache:
             return train, val
         return self.get(train_domain, "train"), self.get(train_domain, "val")
 
-    def test(self, test_domain: str) -> Split:
-        """A test domain's split; "mixture" is the union of the real and synthetic test splits."""
-        if test_domain == "mixture":
-            return concat(self.get("real", "test"), self.get("synthetic", "test"))
-        return self.get(test_domain, "test")
-
     def counts(self) -> dict:
         return {k: {"images": len(s)} for k, s in sorted(self.splits.items())}
 
@@ -157,9 +154,9 @@ def needed_splits(train_domains: Iterable[str], test_domains: Iterable[str]) -> 
     """The stored (domain, split) pairs that training on ``train_domains`` and testing on ``test_domains`` read."""
     needed: set[tuple[str, str]] = set()
     for d in train_domains:
-        for domain in ("real", "synthetic") if d == "mixture" else (d,):
+        for domain in UNIONS.get(d, (d,)):
             needed |= {(domain, "train"), (domain, "val")}
     for d in test_domains:
-        needed |= {(domain, "test") for domain in (("real", "synthetic") if d == "mixture" else (d,))}
+        needed |= {(domain, "test") for domain in UNIONS.get(d, (d,))}
     return needed
 

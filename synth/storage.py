@@ -185,7 +185,7 @@ class Storage:
                     f"cannot {action} {where}: S3 refused the credentials ({code}). Fix: check AWS_ACCESS_KEY_ID / "
                     "AWS_SECRET_ACCESS_KEY / AWS_PROFILE and the bucket policy"
                 )
-            if code in ("NoSuchBucket", "404") and action != "read":
+            if code == "NoSuchBucket" and action != "read":  # a 404 never gets here: _s3 makes it FileNotFoundError
                 return StorageError(f"cannot {action} {where}: bucket {self.bucket!r} does not exist. Fix: create it or change storage.root")
             if code not in TRANSIENT_CODES:
                 return StorageError(f"cannot {action} {where}: {code or exc}")

@@ -41,14 +41,11 @@ from synth.model import architecture, model_bytes
 from synth.progress import ProgressRelay, say
 from synth.recipe import STATE_FILE, Run, budget, result_hash
 from synth.records import TrainMetrics
-from synth.splits import SplitCache, needed_splits
+from synth.splits import UNIONS, SplitCache, needed_splits
 from synth.storage import Layout, Storage
 
 log = logging.getLogger(__name__)
 
-TRAIN_DOMAINS = ("real", "synthetic", "mixture")
-TEST_DOMAINS = ("real", "synthetic", "mixture")
-UNIONS = {"mixture": ("real", "synthetic")}  # test domains scored as the union of others
 CONTROLLER_POLL_ENV, CONTROLLER_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1"  # see make_trainer
 
 
@@ -113,7 +110,7 @@ def train_loop_per_worker(config: dict) -> Optional[dict]:
         "score_seconds": time.perf_counter() - tick,
         "model": model_bytes(run.net.cpu(), classes),
         "progress": dataclasses.asdict(run.progress),
-        "train_seconds": sum(h["seconds"] for h in run.progress.history),
+        "train_seconds": run.train_seconds,
         "device": run.device.type,
         "started_at": started_at,  # when this worker began: the driver's start-up and tear-down follow from it
         "finished_at": time.time(),
@@ -223,11 +220,12 @@ class _CellProgress:
 
 def train_experiment(
     cfg: Config, storage: Storage, train_domain: str, seed: int, data: Optional[SplitCache] = None,
-    relay: Optional[ProgressRelay] = None,
+    relay: Optional[ProgressRelay] = None, refs: Optional[dict] = None,
 ) -> dict:  # fmt: skip
     """Train one cell (or resume it), score it, store ``model.pt`` and ``metrics.json``; returns the metrics.
 
-    ``data`` and ``relay`` (the progress queue from the worker) may be shared by the cells of a stage.
+    ``data``, ``relay`` (the progress queue from the worker) and ``refs`` (the arrays already in
+    Ray's object store, by split) may be shared by the cells of a stage.
     """
     import ray
 
@@ -252,12 +250,20 @@ def train_experiment(
     #    checkpoint and get_checkpoint() hands it to the workers, so a killed driver resumes.
     use_gpu = _resolve_use_gpu(t.use_gpu)
     storage_path, filesystem = storage.ray_storage(layout.train_ray_results(experiment, seed))
-    tests = {d: ray.put(data.get(d, split).arrays()) for d, split in sorted(needed_splits([], t.test_domains))}
+    refs = {} if refs is None else refs
+
+    def put(key: tuple, split) -> "ray.ObjectRef":  # each array set goes to the object store once a stage
+        if key not in refs:
+            refs[key] = ray.put(split.arrays())
+        return refs[key]
+
+    drawn = (seed,) if train_domain in UNIONS else ()  # the mixture's sets are drawn per seed
+    tests = {d: put((d, split), data.get(d, split)) for d, split in sorted(needed_splits([], t.test_domains))}
     own_relay = relay is None
     relay = relay or ProgressRelay()
     trainer = make_trainer(
-        worker_config(t, seed, classes, ray.put(train.arrays()), ray.put(val.arrays()), tests, t.test_domains, cfg_hash,
-                      relay.sink, threads=max(1, int(t.cpus_per_worker))),
+        worker_config(t, seed, classes, put((train_domain, "train", *drawn), train), put((train_domain, "val", *drawn), val),
+                      tests, t.test_domains, cfg_hash, relay.sink, threads=max(1, int(t.cpus_per_worker))),
         num_workers=t.num_workers,
         use_gpu=use_gpu,
         cpus_per_worker=t.cpus_per_worker,
@@ -379,10 +385,10 @@ def run_train(cfg: Config, storage: Optional[Storage] = None) -> dict:
     if todo:
         data = SplitCache(storage, cfg.run, list(cfg.prompts.classes)).load(needed_splits({d for d, _ in todo}, t.test_domains))
         init_ray(cfg.ray)
-        relay = ProgressRelay()  # one queue actor for every cell
+        relay, refs = ProgressRelay(), {}  # one queue actor for every cell; each split put once
         try:
             for d, s in todo:
-                results[(d, s)] = train_experiment(cfg, storage, d, s, data=data, relay=relay)
+                results[(d, s)] = train_experiment(cfg, storage, d, s, data=data, relay=relay, refs=refs)
         finally:
             relay.close()
 

@@ -64,7 +64,7 @@ from synth.config import Config, TuneConfig, to_dict, validate
 from synth.progress import say, verbose
 from synth.recipe import STATE_FILE, Run, budget, result_hash
 from synth.records import RecordError, TrialRecord, TuneRow
-from synth.splits import SplitCache, composition, mix
+from synth.splits import UNIONS, SplitCache, composition, mix
 from synth.stats import mean_std
 from synth.storage import Layout, Storage, trial_tag
 
@@ -141,7 +141,7 @@ def train_trial(config: dict, data: SplitCache, context: TrialContext) -> None:
     # 0. Already finished with this config: report what it measured, train nothing.
     record = read_record(storage, key, this_hash)
     if record is not None:
-        ray.tune.report({**record.final, "replayed": True})  # [ray]
+        ray.tune.report(record.final)  # [ray]
         return
 
     # 1. The training core on this trial's set, on the trial's device (a GPU when Tune gave it one).
@@ -161,7 +161,7 @@ def train_trial(config: dict, data: SplitCache, context: TrialContext) -> None:
     def finish() -> dict:
         """Score the final model once, store the trial's record, return its last report's metrics."""
         sets = {"val": real_val.arrays(), "real": data.get("real", "test").arrays(), "synthetic": data.get("synthetic", "test").arrays()}
-        scores = run.scores(sets, context.classes, {"mixture": ("real", "synthetic")})
+        scores = run.scores(sets, context.classes, UNIONS)
         final = {
             **run.progress.history[-1],
             "val_real_accuracy": scores["val"]["accuracy"],

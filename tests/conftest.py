@@ -113,6 +113,11 @@ def ray_processes(title: str) -> list:
     return found
 
 
+def without_timings(history: list[dict]) -> list[dict]:
+    """An epoch history without its wall-clock fields: what a faulted and an unfaulted run must share exactly."""
+    return [{k: v for k, v in h.items() if k not in ("seconds", "val_seconds")} for h in history]
+
+
 def train_unfaulted(hp: dict, classes: list[str], seed: int, train, val, sets: dict, unions: dict, threads: int):
     """The training core alone (:class:`synth.recipe.Run`), in this process: no Ray, no fault.
 

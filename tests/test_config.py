@@ -153,4 +153,5 @@ def test_generator_paths_are_checked_for_syntax_only():
     # the config must load in stages that never build a generator.
     cfg = load_config(CONFIGS / "smoke.yaml", ["generate.generator=nope.module:Thing"])
     assert cfg.generate.generator == "nope.module:Thing"
-    assert load_config(CONFIGS / "smoke.yaml", ["generate.generator=synth.testkit:ClassAwareTestGenerator"])
+    cfg = load_config(CONFIGS / "smoke.yaml", ["generate.generator=synth.testkit:ClassAwareTestGenerator"])
+    assert cfg.generate.generator == "synth.testkit:ClassAwareTestGenerator"

@@ -52,7 +52,8 @@ def assert_nothing_finished(root: Path) -> None:
 )
 def test_bad_input_fails_fast_with_one_clear_line(tmp_path, args, needle):
     start = time.time()
-    result = run_job("generate", SMOKE, f"storage.root={tmp_path / 'out'}", *args)
+    # Verbose, so Ray's "Started a local Ray instance" line would show if Ray started.
+    result = run_job("generate", SMOKE, f"storage.root={tmp_path / 'out'}", *args, env={"SYNTH_VERBOSE": "1"})
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("synth generate: error:")]
     assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]

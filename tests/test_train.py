@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from chaos import KillWhen
-from conftest import ray_processes, train_unfaulted
+from conftest import ray_processes, train_unfaulted, without_timings
 from synth.config import load_config, to_dict
 from synth.model import ArchitectureMismatchError, architecture, build_model, load_model
 from synth.recipe import STATE_FILE, Budget, budget, classification_metrics, flip_and_crop, lr_factor, predict, restore_state
@@ -230,7 +230,7 @@ def unfaulted(cfg, storage: Storage, train_domain: str = "real", seed: int = 0) 
 
     Returns ``history``, ``val`` and ``test`` as metrics.json has them.
     """
-    from synth.train import UNIONS
+    from synth.splits import UNIONS
 
     t, classes = cfg.train, list(cfg.prompts.classes)
     data = SplitCache(storage, cfg.run, classes).load(needed_splits([train_domain], t.test_domains))
@@ -241,10 +241,6 @@ def unfaulted(cfg, storage: Storage, train_domain: str = "real", seed: int = 0) 
         {n: p for n, p in UNIONS.items() if n in t.test_domains}, threads=max(1, int(t.cpus_per_worker)),
     )  # fmt: skip
     return {"history": history, "val": scores["val"], "test": {d: scores[d] for d in t.test_domains}}
-
-
-def without_timings(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in h.items() if k not in ("seconds", "val_seconds")} for h in history]
 
 
 @pytest.mark.slow

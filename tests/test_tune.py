@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from chaos import KillWhen
-from conftest import REPO, ray_processes, train_unfaulted
+from conftest import REPO, ray_processes, train_unfaulted, without_timings
 from ray_jobs._cli import main as cli_main
 from synth.config import ConfigError, TuneConfig, load_config, to_dict
 from synth.records import TrialRecord
@@ -351,10 +351,6 @@ def unfaulted_trial(cfg, storage: Storage, ratio: float, seed: int) -> dict:
         threads=max(1, int(cfg.tune.cpus_per_trial)),
     )  # fmt: skip
     return {"history": history, "val": scores["val"], "test": {d: scores[d] for d in TEST_DOMAINS}}
-
-
-def without_timings(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in h.items() if k not in ("seconds", "val_seconds")} for h in history]
 
 
 @pytest.mark.slow

@@ -22,7 +22,6 @@ The report stage needs no Ray: it reads a few JSON files and tables and draws a 
 
 from __future__ import annotations
 
-import logging
 import time
 
 from synth.config import Config
@@ -60,7 +59,6 @@ __all__ = [
     "Table", "render_html", "render_markdown", "build_blocks", "report_notes", "tune_blocks",
 ]  # fmt: skip
 
-log = logging.getLogger(__name__)
 
 STAGE = "report"
 

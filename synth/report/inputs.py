@@ -12,16 +12,15 @@ of the report that touches storage for reading.
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 import pyarrow as pa
 
+from synth.images import decode_png
 from synth.report.numbers import ReportInputError, choose_samples, validate_metrics
 from synth.records import TuneRow
 from synth.storage import Layout, Storage
@@ -55,7 +54,7 @@ class Inputs:
     tune: Optional[dict] = None  # <run>/tune/results.json: the mixing-ratio sweep, when it ran
 
 
-def load_inputs(storage: Storage, run: str, samples_per_class: int = SAMPLES_PER_CLASS) -> Inputs:
+def load_inputs(storage: Storage, run: str) -> Inputs:
     """Read the report's inputs; raises :class:`ReportInputError` when no usable metrics exist."""
     metrics, keys, skipped = load_train_metrics(storage, run)
     if not metrics:
@@ -85,7 +84,7 @@ def load_inputs(storage: Storage, run: str, samples_per_class: int = SAMPLES_PER
         except ValueError as exc:
             inputs.notes.append(f"{layout.summary(stage)} is not valid JSON ({exc}); its counts are left out.")
 
-    _load_dataset(storage, run, inputs, samples_per_class)
+    _load_dataset(storage, run, inputs)
     inputs.tune = load_tune_results(storage, run, inputs)
     return inputs
 
@@ -147,7 +146,7 @@ def load_tune_results(storage: Storage, run: str, inputs: Inputs) -> Optional[di
 # --------------------------------------------------------------------------------------------
 
 
-def _load_dataset(storage: Storage, run: str, inputs: Inputs, samples_per_class: int) -> None:
+def _load_dataset(storage: Storage, run: str, inputs: Inputs) -> None:
     """Per-class counts of every dataset table, and a few decoded images per class and domain."""
     for domain in ("real", "synthetic"):
         for split in SPLITS:
@@ -165,7 +164,7 @@ def _load_dataset(storage: Storage, run: str, inputs: Inputs, samples_per_class:
         table = _read_table(storage, Layout(run).dataset_split(domain, split), ["id", "label", "class_name", "image"], inputs)
         if table is None:
             continue
-        inputs.samples[domain] = _decode_samples(table, samples_per_class, f"{domain}/{split}", inputs)
+        inputs.samples[domain] = _decode_samples(table, SAMPLES_PER_CLASS, f"{domain}/{split}", inputs)  # the grid and caption assume it
         inputs.samples[domain]["split"] = split
 
 
@@ -180,7 +179,6 @@ def _read_table(storage: Storage, key: str, columns: list[str], inputs: Inputs) 
 
 
 def _decode_samples(table: pa.Table, per_class: int, where: str, inputs: Inputs) -> dict:
-    from PIL import Image
 
     labels = table.column("label").to_pylist()
     names = table.column("class_name").to_pylist()
@@ -192,8 +190,7 @@ def _decode_samples(table: pa.Table, per_class: int, where: str, inputs: Inputs)
         decoded = []
         for row in rows:
             try:
-                with Image.open(io.BytesIO(images_col[row].as_py())) as img:
-                    decoded.append(np.asarray(img.convert("RGB")))
+                decoded.append(decode_png(images_col[row].as_py()))
             except Exception:  # PIL raises many types for corrupt bytes; count them, show the rest
                 bad += 1
         classes.append(class_names[label])
