@@ -126,8 +126,13 @@ class GenerateConfig:
     # a class as "package.module:ClassName" implementing synth.generate's Generator protocol
     # (importable on the driver and every Ray worker).
     generator: str = "diffusers"
-    # Hugging Face model id or a local folder written by save_pretrained (for generators that load one).
+    # Hugging Face model id or a local folder written by save_pretrained (for generators that load one):
+    # a text-to-image pipeline (Stable Diffusion, SD-Turbo, UnCLIP/Karlo), or, with a prior below,
+    # the decoder of a prior + decoder pair (Kandinsky 2.2: kandinsky-community/kandinsky-2-2-decoder).
     model: str = "stabilityai/sd-turbo"
+    # The prior of a prior + decoder pair (DALL-E 2's architecture: text -> CLIP image embedding ->
+    # image), e.g. kandinsky-community/kandinsky-2-2-prior; None for single-pipeline models.
+    prior: Optional[str] = None
     steps: int = 1
     guidance_scale: float = 0.0
     # Resolution the diffusion model renders at.
@@ -144,6 +149,70 @@ class GenerateConfig:
     num_gpus_per_actor: Optional[float] = None
     # Images per storage shard: the unit of resumption and of atomic writes.
     shard_size: int = 128
+
+
+@dataclass
+class VariationsConfig:
+    # Children per parent (0: no variations). Child ids are <parent>-v<k>.
+    count: int = 0
+    # img2img: Stable Diffusion image-to-image from the parent (strength, steps below);
+    # embedding: the prior's CLIP image embedding of the parent, decoded anew (Kandinsky 2.2, needs derive.prior).
+    method: str = "img2img"
+    # img2img: how far a child may move from its parent, in (0, 1]; steps * strength must reach 1 step.
+    strength: float = 0.5
+    steps: int = 2
+
+
+@dataclass
+class FusionConfig:
+    # Fused images per class, each from a seeded pair of two different parents of the class (0: none).
+    per_class: int = 0
+    # Each pair's weight of its first parent is drawn (seeded) from [low, high]; the prior's image
+    # embeddings are mixed with it (Kandinsky 2.2's interpolate) and decoded. Needs derive.prior.
+    weight_range: List[float] = field(default_factory=lambda: [0.3, 0.7])
+
+
+@dataclass
+class InpaintingConfig:
+    # Edits per parent (0: none). Child ids are <parent>-i<k>.
+    count: int = 0
+    # Which part is repainted: border (a ring around a kept centre), box (a seeded random box),
+    # center (the centre, keeping the surroundings). Edit k uses masks[k % len(masks)].
+    masks: List[str] = field(default_factory=lambda: ["border", "box", "center"])
+    # The prompt of an edit: template with {cls} and {env}; the environment is drawn (seeded) per edit.
+    template: str = "a photo of a {cls} {env}"
+    environments: List[str] = field(
+        default_factory=lambda: ["on a beach", "in a forest", "on a snowy hill", "in a city street", "indoors", "in a grassy field"]
+    )
+    strength: float = 1.0
+    steps: int = 2
+    # An inpainting pipeline (9-channel UNet, e.g. stabilityai/stable-diffusion-2-inpainting); None:
+    # derive.model through diffusers' inpainting pipeline (SD-Turbo works, blending latents by the mask).
+    model: Optional[str] = None
+
+
+@dataclass
+class DeriveConfig:
+    """Image-conditioned generation from parent images: variations, fusion, inpainting.
+
+    The derive stage is the generate stage's exactly-once shard job with another input table
+    (one row per child, naming its parents) and another generator. Resolution, batch size,
+    actors, shard size and dtype come from generate.*.
+    """
+
+    # "diffusers" (derive.model / derive.prior / derive.inpainting.model) or package.module:ClassName.
+    generator: str = "diffusers"
+    # The image-to-image pipeline, or the Kandinsky 2.2 decoder when derive.prior is set.
+    model: str = "${generate.model}"
+    prior: Optional[str] = "${generate.prior}"
+    # Parents: "generate" (this run's generated images; full resolution where the generate stage
+    # kept it) or a folder of your own photos <folder>/<class>/*.png|jpg|jpeg (local or s3://).
+    parents: str = "generate"
+    # Parents taken per class (a seeded choice), or None for all of them.
+    parents_per_class: Optional[int] = None
+    variations: VariationsConfig = field(default_factory=VariationsConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    inpainting: InpaintingConfig = field(default_factory=InpaintingConfig)
 
 
 @dataclass
@@ -243,6 +312,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    derive: DeriveConfig = field(default_factory=DeriveConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)

@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 
 from synth.config import Config, ConfigError, GenerateConfig, class_slug
-from synth.images import encode_png
+from synth.images import GeneratedImages, encode_png
 from synth.progress import plural, rate, say
 from synth.shards import MANIFEST_COLUMNS, META_PLAN, check_shard, plan_sha256, shard_number, shard_table
 from synth.storage import TRANSIENT_MARK, Layout, Storage, StorageError, parquet_bytes, quarantine
@@ -55,12 +55,6 @@ log = logging.getLogger(__name__)
 
 MAX_PASSES = 3  # generation passes over missing or bad shards before the stage gives up
 WRITTEN, PRESENT, BAD = "written", "present", "bad"  # what write_shards found for each shard
-
-
-@dataclass
-class GeneratedImages:
-    small: np.ndarray  # (N, S, S, 3) uint8 at generate.image_size
-    full: Optional[np.ndarray] = None  # (N, H, W, 3) uint8 at the model's resolution, if kept
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from synth.config import GenerateConfig
-    from synth.generate import GeneratedImages
+    from synth.images import GeneratedImages
 
 # -- tiny random Stable Diffusion ------------------------------------------------------------
 
@@ -213,7 +213,7 @@ class ClassAwareTestGenerator:
         self.cfg, self.classes = cfg, list(classes)
 
     def generate(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int]) -> GeneratedImages:
-        from synth.generate import GeneratedImages
+        from synth.images import GeneratedImages
 
         labels = [find_class(p, self.classes) for p in prompts]
         small = np.stack([class_pattern_image(y, int(s), self.cfg.image_size) for y, s in zip(labels, seeds)])
