@@ -1,7 +1,8 @@
 """The generate stage's stored form: shards that say which plan made them and carry a checksum.
 
-A shard is one Parquet object, ``<run>/generate/shards/shard-0000k.parquet``: the manifest
-columns of its images plus their PNG bytes. Its footer's key-value metadata says what it is,
+A shard is one Parquet object, ``<run>/<stage>/shards/shard-0000k.parquet`` (``generate`` for
+text-to-image, ``derive`` for images made from parent images): the manifest columns of its
+images plus their PNG bytes. Its footer's key-value metadata says what it is,
 recorded when it is written:
 
 - ``synth.shard``: ``k``, so a copy of another shard under this name is caught;
@@ -28,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST_COLUMNS = [
-    "id", "label", "class_name", "prompt", "negative", "seed", "technique", "model", "width", "height", "shard",
+    "id", "label", "class_name", "prompt", "negative", "seed", "technique", "parents", "params", "model", "width",
+    "height", "shard",
 ]  # fmt: skip
 SHARD_COLUMNS = MANIFEST_COLUMNS + ["image"]
 META_SHARD, META_PLAN, META_CONTENT = b"synth.shard", b"synth.plan_sha256", b"synth.content_sha256"
@@ -62,8 +64,10 @@ def content_sha256(table: pa.Table) -> str:
 def shard_table(rows: Sequence[dict], pngs: Sequence[bytes], shard: int, model: str, size: tuple[int, int], plan: str) -> pa.Table:
     """The stored form of one shard: the manifest columns, the PNG bytes, and the metadata above.
 
-    ``rows`` are prompt-table rows (id, label, class_name, prompt, negative, seed, technique),
-    ``size`` the images' (height, width), ``plan`` the plan's :func:`plan_sha256`.
+    ``rows`` are input rows (id, label, class_name, prompt, negative, seed, technique, and for
+    images made from other images ``parents``, their ids, and ``params``, what the technique used:
+    strength, mask, weight...), ``size`` the images' (height, width), ``plan`` the plan's
+    :func:`plan_sha256`.
     """
     n = len(rows)
     table = pa.table(
@@ -75,6 +79,8 @@ def shard_table(rows: Sequence[dict], pngs: Sequence[bytes], shard: int, model: 
             "negative": [r["negative"] for r in rows],
             "seed": pa.array([int(r["seed"]) for r in rows], pa.int64()),
             "technique": [r["technique"] for r in rows],
+            "parents": pa.array([list(r.get("parents") or []) for r in rows], pa.list_(pa.string())),
+            "params": [json.dumps(r.get("params") or {}, sort_keys=True) for r in rows],
             "model": [model] * n,
             "width": pa.array([size[1]] * n, pa.int32()),
             "height": pa.array([size[0]] * n, pa.int32()),

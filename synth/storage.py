@@ -461,24 +461,44 @@ class Layout:
     def prompts_table(self) -> str:
         return f"{self.run}/prompts/prompts.parquet"
 
-    # generate
+    # image jobs: generate (text-to-image) and derive (from parent images) keep the same layout
+    def shard(self, stage: str, shard: int) -> str:
+        return f"{self.run}/{stage}/shards/shard-{shard:05d}.parquet"
+
+    def shards(self, stage: str) -> str:
+        return f"{self.run}/{stage}/shards"
+
+    def full_image(self, stage: str, class_slug: str, image_id: str) -> str:
+        return f"{self.run}/{stage}/full/{class_slug}/{image_id}.png"
+
+    def plan(self, stage: str) -> str:
+        return f"{self.run}/{stage}/plan.json"
+
+    def manifest(self, stage: str) -> str:
+        return f"{self.run}/{stage}/manifest.parquet"
+
     def generate_shard(self, shard: int) -> str:
-        return f"{self.run}/generate/shards/shard-{shard:05d}.parquet"
+        return self.shard("generate", shard)
 
     @property
     def generate_shards(self) -> str:
-        return f"{self.run}/generate/shards"
+        return self.shards("generate")
 
     def generate_full_image(self, class_slug: str, image_id: str) -> str:
-        return f"{self.run}/generate/full/{class_slug}/{image_id}.png"
+        return self.full_image("generate", class_slug, image_id)
 
     @property
     def generate_plan(self) -> str:
-        return f"{self.run}/generate/plan.json"
+        return self.plan("generate")
 
     @property
     def generate_manifest(self) -> str:
-        return f"{self.run}/generate/manifest.parquet"
+        return self.manifest("generate")
+
+    # derive: the parent images it was given, as one table
+    @property
+    def derive_parents(self) -> str:
+        return f"{self.run}/derive/parents.parquet"
 
     # dataset
     def dataset_split(self, domain: str, split: str) -> str:
