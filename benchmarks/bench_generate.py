@@ -1,7 +1,7 @@
 """Generation throughput: the Ray Data stage against a plain Python loop over the same generator.
 
 Measures, for one model preset and batch size:
-- images/sec of ``ShardGenerator`` driven by a plain loop in this process (after one warm-up shard);
+- images/sec of ``ShardMaker`` driven by a plain loop in this process (after one warm-up shard);
 - images/sec of the full Ray Data stage (generator actors + PNG encoding + atomic shard writes),
   at steady state: from the first shard landing to the last, so actor start-up and model loading
   are excluded, and per GPU (or per CPU actor);
@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from synth.config import load_config  # noqa: E402
-from synth.generate import ShardGenerator, run_ray_generation, shard_rows  # noqa: E402
+from synth.generate import TextToImage, shard_rows  # noqa: E402
+from synth.imagejob import ImageJob, ShardMaker, run_ray_generation  # noqa: E402
 from synth.prompts import build_prompt_table  # noqa: E402
 from synth.storage import Storage  # noqa: E402
 
@@ -71,7 +72,8 @@ def plain_loop(cfg) -> dict:
     """The same generator class, driven by a for-loop over the same shards."""
     shards = shard_rows(build_prompt_table(cfg), cfg.generate.shard_size)
     # Storage under an empty folder: the generator finds no shard stored, so it renders every one.
-    gen = ShardGenerator(cfg.generate, cfg.prompts.classes, Storage(tempfile.mkdtemp()), "bench")
+    maker = TextToImage(cfg.generate, list(cfg.prompts.classes))
+    gen = ShardMaker(maker, Storage(tempfile.mkdtemp()), "bench", "generate", cfg.generate.batch_size)
     batch = lambda rows, k: {"shard": [k], "rows": [json.dumps(rows)]}  # noqa: E731
     gen(batch(shards[0], 0))  # warm-up: allocations, kernels, caches
     start = time.perf_counter()
@@ -96,7 +98,9 @@ def ray_stage(cfg) -> dict:
         start = time.perf_counter()
         stamps = []
         plan = "0" * 64  # no plan.json: a benchmark run, not a dataset
-        for row in run_ray_generation(storage, "bench", cfg.generate, cfg.prompts.classes, list(enumerate(shards)), plan):
+        maker = TextToImage(cfg.generate, list(cfg.prompts.classes))
+        job = ImageJob("generate", "bench", shards, {}, cfg.generate.model, maker, cfg.generate)
+        for row in run_ray_generation(storage, job, list(enumerate(shards)), plan):
             stamps.append((time.perf_counter(), int(row["images"])))
     total = sum(n for _, n in stamps)
     steady_images = total - stamps[0][1]

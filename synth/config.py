@@ -210,6 +210,8 @@ class DeriveConfig:
     parents: str = "generate"
     # Parents taken per class (a seeded choice), or None for all of them.
     parents_per_class: Optional[int] = None
+    # The prompt of a child whose parent has none of its own (the user's photos) and of fusions.
+    prompt: str = "a photo of a {cls}"
     variations: VariationsConfig = field(default_factory=VariationsConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     inpainting: InpaintingConfig = field(default_factory=InpaintingConfig)
@@ -624,6 +626,7 @@ def validate(cfg: Config) -> None:
         "must be in [0, 8], or null to use 1 when the cluster has GPUs and 0 otherwise",
     )
     _require(1 <= g.shard_size <= 100_000, "generate.shard_size", g.shard_size, "must be in [1, 100000]")
+    _validate_derive(cfg)
     _validate_dataset(cfg)
 
     t = cfg.train
@@ -680,6 +683,71 @@ def validate(cfg: Config) -> None:
         "must be at least 1, or null to validate on the whole split after each epoch",
     )
     _validate_tune(cfg)
+
+
+VARIATION_METHODS = ("img2img", "embedding")
+MASKS = ("border", "box", "center")
+
+
+def _validate_derive(cfg: Config) -> None:
+    # Whether the models support the techniques asked for is checked when the stage starts
+    # (synth.diffusion.check_models reads their model_index.json), before Ray starts.
+    d = cfg.derive
+    _require(
+        d.generator in GENERATOR_NAMES or bool(GENERATOR_PATH.match(d.generator)),
+        "derive.generator",
+        d.generator,
+        f"choose a registered generator ({', '.join(GENERATOR_NAMES)}) or give a class as package.module:ClassName "
+        "(e.g. synth.testkit:ClassAwareTestDeriver, the tests' class-aware one)",
+    )
+    _require(bool(d.model.strip()), "derive.model", d.model, "give a Hugging Face model id or a local folder")
+    _require(d.prior is None or bool(d.prior.strip()), "derive.prior", d.prior, "give a model id or folder, or null")
+    _require(bool(d.parents.strip()), "derive.parents", d.parents, "give generate or a folder <folder>/<class>/*.png (local or s3://)")
+    _require(
+        d.parents_per_class is None or d.parents_per_class >= 1,
+        "derive.parents_per_class",
+        d.parents_per_class,
+        "must be at least 1, or null for every parent",
+    )
+    _require("{cls}" in d.prompt, "derive.prompt", d.prompt, "must contain {cls} so the prompt names its class")
+    v = d.variations
+    _require(v.count >= 0, "derive.variations.count", v.count, "must be at least 1 to make variations, or 0 for none")
+    _require(v.method in VARIATION_METHODS, "derive.variations.method", v.method, f"choose one of {', '.join(VARIATION_METHODS)}")
+    _require(0.0 < v.strength <= 1.0, "derive.variations.strength", v.strength, "must be in (0, 1] (0.5 keeps the parent's layout)")
+    _require(1 <= v.steps <= 1000, "derive.variations.steps", v.steps, "must be in [1, 1000]")
+    _require(
+        v.method != "img2img" or v.steps * v.strength >= 1.0,
+        "derive.variations.steps",
+        v.steps,
+        f"steps x strength must reach one denoising step (strength {v.strength}); raise steps or strength",
+    )
+    f = d.fusion
+    _require(f.per_class >= 0, "derive.fusion.per_class", f.per_class, "must be at least 1 to fuse, or 0 for none")
+    _require(
+        len(f.weight_range) == 2 and 0.0 <= f.weight_range[0] <= f.weight_range[1] <= 1.0,
+        "derive.fusion.weight_range",
+        f.weight_range,
+        "give [low, high] with 0 <= low <= high <= 1, e.g. [0.3,0.7]",
+    )
+    ip = d.inpainting
+    _require(ip.count >= 0, "derive.inpainting.count", ip.count, "must be at least 1 to inpaint, or 0 for none")
+    _require(
+        len(ip.masks) > 0 and set(ip.masks) <= set(MASKS),
+        "derive.inpainting.masks",
+        ip.masks,
+        f"give masks from {list(MASKS)}, e.g. derive.inpainting.masks=[border,box]",
+    )
+    _require("{cls}" in ip.template, "derive.inpainting.template", ip.template, "must contain {cls} (and may use {env})")
+    _require(len(ip.environments) > 0, "derive.inpainting.environments", ip.environments, "give at least one (\"\" is allowed)")
+    _require(0.0 < ip.strength <= 1.0, "derive.inpainting.strength", ip.strength, "must be in (0, 1]")
+    _require(1 <= ip.steps <= 1000, "derive.inpainting.steps", ip.steps, "must be in [1, 1000]")
+    _require(
+        ip.steps * ip.strength >= 1.0,
+        "derive.inpainting.steps",
+        ip.steps,
+        f"steps x strength must reach one denoising step (strength {ip.strength}); raise steps or strength",
+    )
+    _require(ip.model is None or bool(ip.model.strip()), "derive.inpainting.model", ip.model, "give a model id or folder, or null")
 
 
 REAL_SOURCES = ("cifar10", "folder")

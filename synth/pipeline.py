@@ -1,4 +1,6 @@
-"""The whole chain: prompts -> generate -> dataset -> train -> tune -> report, each stage resumable.
+"""The whole chain: prompts -> generate -> [derive] -> dataset -> train -> tune -> report, each stage resumable.
+
+derive (variations, fusion, inpainting of parent images) runs when the config asks for any.
 
 Every stage reads what the one before wrote to storage, so this is only their sequence; a rerun
 skips finished work stage by stage (generate by shard, train by (experiment, seed), tune by trial).
@@ -17,6 +19,7 @@ from synth.storage import Storage
 
 def run_pipeline(cfg: Config, storage: Optional[Storage] = None) -> dict:
     from synth.dataset import run_dataset
+    from synth.derive import enabled, run_derive
     from synth.generate import run_generate
     from synth.prompts import run_prompts
     from synth.report import run_report
@@ -25,17 +28,13 @@ def run_pipeline(cfg: Config, storage: Optional[Storage] = None) -> dict:
 
     storage = storage or Storage.from_config(cfg.storage)
     storage.check_writable()
-    say("pipeline", f"run {cfg.run!r}: prompts -> generate -> dataset -> train -> tune -> report, into {storage.uri(cfg.run)}")
+    stages = [("prompts", run_prompts), ("generate", run_generate)]
+    stages += [("derive", run_derive)] if enabled(cfg.derive) else []
+    stages += [("dataset", run_dataset), ("train", run_train), ("tune", run_tune), ("report", run_report)]
+    say("pipeline", f"run {cfg.run!r}: {' -> '.join(name for name, _ in stages)}, into {storage.uri(cfg.run)}")
     summaries: dict[str, dict] = {}
     start = time.perf_counter()
-    for name, stage in (
-        ("prompts", run_prompts),
-        ("generate", run_generate),
-        ("dataset", run_dataset),
-        ("train", run_train),
-        ("tune", run_tune),
-        ("report", run_report),
-    ):
+    for name, stage in stages:
         summaries[name] = stage(cfg, storage)
     return {
         "run": cfg.run,

@@ -236,6 +236,66 @@ class SlowClassAwareTestGenerator(ClassAwareTestGenerator):
         return super().generate(prompts, negatives, seeds)
 
 
+class ClassAwareTestDeriver:
+    """A derive-stage generator whose children keep what their parents look like.
+
+    ``derive.generator=synth.testkit:ClassAwareTestDeriver``; it loads no model. A variation is
+    its parent with seeded noise, a fusion the weighted mean of its two parents, an inpainting
+    edit the parent with the masked part redrawn as the pattern of the class its prompt names.
+    A child filed under the wrong parent, class or label is an image of another class, so a
+    classifier trained on children and tested on real images fails if lineage or labels break.
+    """
+
+    needs_model = False
+
+    @classmethod
+    def model_name(cls, cfg) -> str:
+        return cfg.generator
+
+    def __init__(self, cfg, gen: GenerateConfig, classes: Sequence[str]):
+        self.gen, self.classes = gen, list(classes)
+
+    def derive(self, rows: Sequence[dict], parents) -> GeneratedImages:
+        from PIL import Image
+
+        from synth.images import GeneratedImages, inpaint_mask
+
+        size = self.gen.image_size
+
+        def at_size(img: np.ndarray) -> np.ndarray:
+            if img.shape[:2] == (size, size):
+                return img.astype(np.float32)
+            return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+
+        out = []
+        for row in rows:
+            rng = np.random.default_rng(int(row["seed"]))
+            first = at_size(parents[row["parents"][0]])
+            if row["technique"] == "fusion":
+                w = float(row["params"]["weight"])
+                img = w * first + (1 - w) * at_size(parents[row["parents"][1]])
+            elif row["technique"] == "inpainting":
+                mask = inpaint_mask(row["params"]["mask"], size, size, int(row["seed"]))[..., None]
+                drawn = class_pattern_image(find_class(row["prompt"], self.classes), int(row["seed"]), size)
+                img = np.where(mask, drawn.astype(np.float32), first)
+            else:
+                img = first + rng.normal(0.0, 8.0, size=first.shape)
+            out.append(np.clip(img, 0, 255).astype(np.uint8))
+        return GeneratedImages(small=np.stack(out))
+
+
+class SlowClassAwareTestDeriver(ClassAwareTestDeriver):
+    """:class:`ClassAwareTestDeriver` at a model's pace (``seconds_per_image`` of sleep), for fault tests."""
+
+    seconds_per_image = 0.05
+
+    def derive(self, rows: Sequence[dict], parents) -> GeneratedImages:
+        import time
+
+        time.sleep(self.seconds_per_image * len(rows))
+        return super().derive(rows, parents)
+
+
 # -- real-data fixtures ----------------------------------------------------------------------
 
 # CIFAR-10's label names in its own label order (batches.meta).

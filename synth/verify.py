@@ -5,7 +5,7 @@ should exist is looked for and checked:
 
 - prompts: the table is readable and is the one this config builds;
 - generate: ``plan.json`` is this config's plan; every shard is there, intact (its checksum) and
-  of this plan (:func:`synth.generate.scan_shards`); stray names are reported; the manifest
+  of this plan (:func:`synth.imagejob.scan_shards`); stray names are reported; the manifest
   lists exactly the shards' images;
 - dataset: every split is readable, holds the number of images its summary says, no id is in
   two splits of a domain, and every synthetic id is in the generate manifest;
@@ -89,7 +89,8 @@ def check_prompts(cfg: Config, storage: Storage) -> StageCheck:
 def check_generate(cfg: Config, storage: Storage) -> StageCheck:
     import pyarrow as pa
 
-    from synth.generate import plan_for, scan_shards, shard_rows
+    from synth.generate import plan_for, shard_rows
+    from synth.imagejob import scan_shards
     from synth.prompts import build_prompt_table
     from synth.shards import MANIFEST_COLUMNS, plan_sha256
 

@@ -14,7 +14,8 @@ from conftest import REPO, synth_imports
 from ray_jobs._cli import main as cli_main
 from synth.config import ConfigError, load_config
 from synth.dataset import SPLITS, load_split, load_split_table, run_dataset, synthetic_split_sizes, val_size
-from synth.generate import build_manifest, claim_plan, model_name, plan_for, scan_shards, shard_rows
+from synth.generate import model_name, plan_for, shard_rows
+from synth.imagejob import build_manifest, claim_plan, scan_shards
 from synth.images import encode_png
 from synth.shards import plan_sha256, shard_table
 from synth.prompts import build_prompt_table

@@ -22,7 +22,8 @@ import pytest
 from chaos import TcpProxy, wait_for
 from conftest import REPO, make_bucket, ray_processes
 from synth.config import load_config
-from synth.generate import existing_shards, run_generate
+from synth.generate import run_generate
+from synth.imagejob import existing_shards
 from synth.images import encode_png
 from synth.shards import META_PLAN, shard_number
 from synth.storage import Layout, Storage
@@ -31,7 +32,7 @@ from synth.verify import check_generate, run_verify
 
 SLOW = "synth.testkit:SlowClassAwareTestGenerator"
 CLASS_AWARE = "synth.testkit:ClassAwareTestGenerator"
-GENERATION_ACTOR = "ray::MapWorker(MapBatches(ShardGenerator))"  # Ray's title for the actor process
+GENERATION_ACTOR = "ray::MapWorker(MapBatches(ShardMaker))"  # Ray's title for the actor process
 
 
 def config(root, *extra, run="f"):

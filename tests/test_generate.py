@@ -14,7 +14,8 @@ import pytest
 
 from conftest import REPO, make_bucket, synth_imports
 from synth.config import GENERATOR_NAMES, ConfigError, load_config
-from synth.generate import GENERATORS, existing_shards, generator_class
+from synth.generate import GENERATORS, generator_class
+from synth.imagejob import existing_shards
 from synth.storage import PARTIAL_MARK, Layout, Storage
 
 CLASSES = ["bird", "cat", "deer", "dog", "frog", "horse"]
@@ -212,7 +213,7 @@ def test_generate_imports_no_test_double():
         ("synth.testkit:NoSuchGenerator", r"module 'synth.testkit' has no attribute 'NoSuchGenerator'\. Fix:"),
         ("synth.testkit:class_pattern_image", r"is a function, not a class\. Fix: give a class with needs_model"),
         ("synth.storage:Layout", r"lacks needs_model, model_name, generate\. Fix:"),
-        ("notregistered", r"'notregistered' is not a registered generator\. Fix: choose one of diffusers"),
+        ("notregistered", r"'notregistered' is not registered\. Fix: choose one of diffusers"),
     ],
 )
 def test_bad_generator_names_the_fix(spec, needle):
