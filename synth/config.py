@@ -237,6 +237,9 @@ class DatasetConfig:
     image_size: int = 32
     # Which domains to build: [real] prepares real data before any images are generated.
     domains: List[str] = field(default_factory=lambda: ["real", "synthetic"])
+    # Synthetic images of these techniques only (text-to-image: template, adversarial; from parent
+    # images: variation, fusion, inpainting); None: every technique the generate and derive stages made.
+    techniques: Optional[List[str]] = None
 
 
 @dataclass
@@ -411,9 +414,9 @@ def _unknown_key(key: str, source: str, parent: str | None = None) -> ConfigErro
     )
 
 
-def _list_example(default: ListConfig) -> str:
-    items = [str(v) for v in default[:2]]
-    return f"[{','.join(items)}]" if all(re.fullmatch(r"[\w.-]+", v) for v in items) else "[first,second]"
+def _list_example(default: Optional[ListConfig]) -> str:
+    items = [str(v) for v in (default or [])[:2]]  # a list that defaults to null has no items to show
+    return f"[{','.join(items)}]" if items and all(re.fullmatch(r"[\w.-]+", v) for v in items) else "[first,second]"
 
 
 def _kind(value: Any) -> str:
@@ -445,8 +448,9 @@ def _check_layer(node: DictConfig, schema: DictConfig, source: str, prefix: str 
             _check_layer(node[name], expected, source, key + ".")
         elif interpolated:
             continue
-        elif isinstance(expected, ListConfig):
-            _check_list(node[name], expected, key, source)
+        elif isinstance(schema._get_node(name), ListConfig):  # also a list that defaults to null
+            if not (node[name] is None and expected is None):
+                _check_list(node[name], expected, key, source)
         elif isinstance(node[name], (DictConfig, ListConfig)):
             raise ConfigError(
                 f"config key {key!r} (from {source}) takes a single value, not a {_kind(node[name])}; "
@@ -752,6 +756,8 @@ def _validate_derive(cfg: Config) -> None:
 
 REAL_SOURCES = ("cifar10", "folder")
 DATASET_DOMAINS = ("real", "synthetic")
+# How a synthetic image was made: text-to-image (the generate stage), then from parent images (derive).
+TECHNIQUES = ("template", "adversarial", "variation", "fusion", "inpainting")
 
 
 def _validate_dataset(cfg: Config) -> None:
@@ -783,6 +789,14 @@ def _validate_dataset(cfg: Config) -> None:
         "dataset.domains",
         d.domains,
         f"give distinct domains from {list(DATASET_DOMAINS)}, e.g. dataset.domains=[real]",
+    )
+    _require(
+        d.techniques is None
+        or (len(d.techniques) > 0 and len(set(d.techniques)) == len(d.techniques) and set(d.techniques) <= set(TECHNIQUES)),
+        "dataset.techniques",
+        d.techniques,
+        f"give distinct techniques from {list(TECHNIQUES)}, e.g. dataset.techniques=[template,variation], "
+        "or null for every technique",
     )
 
 

@@ -5,9 +5,14 @@ Inputs:
   ``cifar-10-batches-py`` folder, local or ``s3://``, or torchvision's downloader), or image folders
   ``<real_path>/<train|test>/<class>/*.png|jpg|jpeg``. Only the configured classes are kept; the
   official train/test split is kept.
-- **synthetic**: the generate stage's manifest and shards of the same run. Each class is split
-  into ``synthetic_train_per_class`` / ``synthetic_test_per_class`` (CIFAR's 5,000 / 1,000), or
-  proportionally when a class has fewer images.
+- **synthetic**: the manifests and shards of the same run's generate stage (text-to-image) and,
+  where it ran, derive stage (variations, fusion and inpainting of parent images), kept to
+  ``dataset.techniques``. Each class is split into ``synthetic_train_per_class`` /
+  ``synthetic_test_per_class`` images (CIFAR's 5,000 / 1,000), or proportionally when a class
+  has fewer. Images made from one another form a *lineage group* (a parent, its variations and
+  edits, fusions joining two parents' groups; a user's parent photos join the groups but are
+  never synthetic images), and a group always lands in one split whole, so no test or val image
+  has a relative in training.
 
 Every training split then gives up ``val_fraction`` of each class to a validation split, used for
 model selection and tuning; test splits are for final numbers only.
@@ -17,11 +22,12 @@ Outputs, ``<run>/dataset/<real|synthetic>/<train|val|test>.parquet``, one row pe
 space for both domains), ``class_name``, ``image`` (PNG bytes, RGB, ``dataset.image_size`` square),
 ``domain`` and ``source`` (where the image came from). Beside them: config.yaml and summary.json.
 
-Determinism: which split an image lands in is a pure function of its id, its class and
-``dataset.seed`` (a seeded shuffle of the sorted ids), decided *before* any image is decoded. So a
-rerun gives the same tables, and an image that fails to decode is dropped from its split and
-counted there without moving any other image between splits (a test image can never leak into
-training through a rerun).
+Determinism: which split an image lands in is a pure function of the ids, their parents, their
+classes, ``dataset.techniques`` and ``dataset.seed`` (a seeded shuffle of the sorted ids, or of
+the lineage groups' keys), decided *before* any image is decoded. So a rerun gives the same
+tables, and an image that fails to decode is dropped from its split and counted there without
+moving any other image between splits (a test image can never leak into training through a
+rerun).
 
 The stage runs on the driver in plain Python: CIFAR-sized data (tens of thousands of 32 px
 images) takes seconds, far less than starting Ray workers would.
@@ -40,12 +46,12 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from synth.config import Config, ConfigError, DatasetConfig, StorageConfig, class_slug
+from synth.config import TECHNIQUES, Config, ConfigError, DatasetConfig, StorageConfig, class_slug
 from synth.images import decode_png, encode_png
 from synth.progress import say
 from synth.shards import META_PLAN, check_shard
@@ -55,6 +61,9 @@ log = logging.getLogger(__name__)
 
 DOMAINS = ("real", "synthetic")
 SPLITS = ("train", "val", "test")
+# The stages whose manifests and shards make the synthetic domain: text-to-image, then images
+# made from parent images.
+IMAGE_STAGES = ("generate", "derive")
 SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -105,6 +114,9 @@ class DomainItems:
     splits: dict[str, list[Item]]
     info: dict
     reader: Optional[Storage] = None  # where ``Item.key``s are read from
+    # Synthetic images: id -> lineage group key (whole groups stay in one split), and id -> technique.
+    group_of: Optional[dict[str, str]] = None
+    technique_of: Optional[dict[str, str]] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,19 +159,33 @@ def val_size(n_train: int, fraction: float) -> int:
     return min(n_train - 1, max(1, round(n_train * fraction)))
 
 
-def carve_val(train: list[Item], fraction: float, seed: int, domain: str) -> tuple[list[Item], list[Item]]:
-    """Split a training split into (train, val), stratified by class and deterministic."""
+def carve_val(
+    train: list[Item], fraction: float, seed: int, domain: str, group_of: Optional[dict[str, str]] = None
+) -> tuple[list[Item], list[Item]]:
+    """Split a training split into (train, val), stratified by class and deterministic.
+
+    ``group_of`` maps an id to its lineage group's key; a group moves to val whole, in a seeded
+    order of the keys, until val holds :func:`val_size` images, never taking a class's last group.
+    Without it (real photos) every image is its own group: a seeded choice of ``val_size`` ids.
+    """
     by_class: dict[str, list[Item]] = defaultdict(list)
     for item in train:
         by_class[item.class_name].append(item)
     keep: list[Item] = []
     val: list[Item] = []
     for class_name, items in by_class.items():
-        by_id = {item.id: item for item in items}
-        order = seeded_order(list(by_id), seed, domain, "val", class_name)
-        n_val = val_size(len(order), fraction)
-        val.extend(by_id[i] for i in order[:n_val])
-        keep.extend(by_id[i] for i in order[n_val:])
+        members: dict[str, list[Item]] = defaultdict(list)
+        for item in items:
+            members[group_of[item.id] if group_of is not None else item.id].append(item)
+        n_val = val_size(len(items), fraction)
+        taken = 0
+        for key in seeded_order(list(members), seed, domain, "val", class_name):
+            group = members[key]
+            if taken < n_val and taken + len(group) < len(items):
+                val.extend(group)
+                taken += len(group)
+            else:
+                keep.extend(group)
     return keep, val
 
 
@@ -423,88 +449,256 @@ def folder_items(cfg: Config) -> DomainItems:
 # --------------------------------------------------------------------------------------------
 
 
+class Made(NamedTuple):
+    """Where a synthetic image is stored and how it was made (one manifest row)."""
+
+    stage: str  # generate or derive
+    shard: int
+    class_name: str
+    technique: str
+    parents: tuple[str, ...]
+
+
+def lineage_groups(links: Iterable[tuple[str, Sequence[str]]]) -> dict[str, str]:
+    """Each id's lineage group, named by its key: the smallest id in the group.
+
+    ``links`` are (image id, its parents' ids). Images connected through parent links, either way
+    and over any number of steps, form one group: a parent with its variations and edits, and a
+    fused image with both its parents and everything made from either. Parents that are not
+    images themselves (a user's photos) are in the map too: they join the groups of their children.
+    """
+    root: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        top = x
+        while root.setdefault(top, top) != top:
+            top = root[top]
+        while root[x] != top:  # path compression: the next find is one step
+            root[x], x = top, root[x]
+        return top
+
+    for image_id, parents in links:
+        a = find(image_id)
+        for parent in parents:
+            b = find(parent)
+            if a != b:
+                # The smaller id stays the root, so every root is its group's smallest id.
+                a, b = min(a, b), max(a, b)
+                root[b] = a
+    return {x: find(x) for x in list(root)}
+
+
+def split_groups(sizes: dict[str, int], n_train: int, n_test: int, seed: int, *context: str) -> tuple[list[str], list[str]]:
+    """(train, test) keys of whole groups of one class; ``sizes``: images per group key.
+
+    In a seeded order of the keys, groups go to test until it holds ``n_test`` images (passing it
+    by less than the last group's size), then to train where they fit in ``n_train``; the rest are
+    unused. With one image per group this is a plain seeded choice of images.
+    """
+    train: list[str] = []
+    test: list[str] = []
+    in_train = in_test = 0
+    for key in seeded_order(list(sizes), seed, *context):
+        if in_test < n_test:
+            test.append(key)
+            in_test += sizes[key]
+        elif in_train + sizes[key] <= n_train:
+            train.append(key)
+            in_train += sizes[key]
+    return train, test
+
+
+def _read_made(storage: Storage, layout: Layout) -> tuple[dict[str, Made], dict[str, str]]:
+    """Every image of the run's generate and derive manifests, and each stage's plan hash."""
+    made: dict[str, Made] = {}
+    plans: dict[str, str] = {}
+    for stage in IMAGE_STAGES:
+        key = layout.manifest(stage)
+        if not storage.exists(key):
+            continue
+        manifest = storage.read_parquet(key)
+        missing = [c for c in ("id", "class_name", "technique", "parents", "shard") if c not in manifest.column_names]
+        if missing:
+            raise ConfigError(
+                f"the {stage} manifest {storage.uri(key)} lacks the columns {missing} (made by an older synth). Fix: "
+                f"delete {storage.uri(layout.stage(stage))} and rerun the {stage} stage"
+            )
+        plans[stage] = (manifest.schema.metadata or {}).get(META_PLAN, b"").decode()
+        columns = (manifest.column(c).to_pylist() for c in ("id", "class_name", "technique", "parents", "shard"))
+        for image_id, class_name, technique, parents, shard in zip(*columns):
+            if image_id in made:
+                raise ConfigError(
+                    f"the id {image_id!r} is in both the {made[image_id].stage} and the {stage} manifest of run "
+                    f"{layout.run!r}. Fix: delete {storage.uri(layout.stage('derive'))} and rerun the derive stage"
+                )
+            made[image_id] = Made(stage, int(shard), class_name, technique, tuple(parents or ()))
+    return made, plans
+
+
+def _group_classes(storage: Storage, layout: Layout, made: dict[str, Made], group_of: dict[str, str]) -> dict[str, str]:
+    """The class of each lineage group, from its images and the user's parent photos; one class per group."""
+    class_of = {image_id: m.class_name for image_id, m in made.items()}
+    if storage.exists(layout.derive_parents):
+        photos = storage.read_parquet(layout.derive_parents, columns=["id", "class_name"])
+        for image_id, class_name in zip(photos.column("id").to_pylist(), photos.column("class_name").to_pylist()):
+            if image_id in group_of:  # a photo no image was made from joins no group
+                class_of.setdefault(image_id, class_name)
+    classes: dict[str, dict[str, str]] = defaultdict(dict)  # group key -> class slug -> a member
+    for image_id, class_name in class_of.items():
+        classes[group_of[image_id]].setdefault(class_slug(class_name), image_id)
+    for key, members in sorted(classes.items()):
+        if len(members) > 1:
+            examples = ", ".join(f"{i!r} ({class_of[i]})" for i in members.values())
+            raise ConfigError(
+                f"the lineage group of {key!r} (images made from one another) spans several classes: {examples}. "
+                "Variations, inpainting and fusion keep their parents' class, so the derive stage's output is "
+                f"inconsistent. Fix: delete {storage.uri(layout.stage('derive'))} and rerun the derive stage"
+            )
+    return {key: class_of[next(iter(members.values()))] for key, members in classes.items()}
+
+
 def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
-    """Per-class train/test splits of the generate run ``cfg.run``, with the shards' image bytes."""
+    """Per-class train/test splits of the run's synthetic images (generate and derive stages), with their bytes.
+
+    An image and everything made from it (or it from) is one lineage group, and a group goes to
+    one split whole, so no test image has a parent, sibling or child in training.
+    """
     layout = Layout(cfg.run)
     d = cfg.dataset
-    if not storage.exists(layout.generate_manifest):
-        raise ConfigError(
-            f"run {cfg.run!r} has no generate manifest at {storage.uri(layout.generate_manifest)}. Fix: run the "
-            "generate stage first (python -m ray_jobs.generate <config>) with this run and storage.root, "
-            "or build only the real domain with dataset.domains=[real]"
-        )
-    manifest = storage.read_parquet(layout.generate_manifest, columns=["id", "class_name", "shard"])
-    plan = (manifest.schema.metadata or {}).get(META_PLAN, b"").decode()
-    by_class: dict[str, list[str]] = defaultdict(list)
-    shard_of: dict[str, int] = {}
-    ids_of: dict[int, list[str]] = defaultdict(list)  # in manifest order, which is each shard's order
-    for image_id, class_name, shard in zip(*(manifest.column(c).to_pylist() for c in ("id", "class_name", "shard"))):
-        by_class[class_name].append(image_id)
-        shard_of[image_id] = int(shard)
-        ids_of[int(shard)].append(image_id)
 
-    # Labels come from the class name, so a generate run with another class order still lines up.
+    # 1. Every image of both stages, its lineage group, and each group's class.
+    made, plans = _read_made(storage, layout)
+    if not plans:
+        raise ConfigError(
+            f"run {cfg.run!r} has no generate manifest at {storage.uri(layout.manifest('generate'))} and no derive "
+            f"manifest at {storage.uri(layout.manifest('derive'))}. Fix: run the generate stage first "
+            "(python -m ray_jobs.generate <config>), and the derive stage for images made from parent images, with "
+            "this run and storage.root, or build only the real domain with dataset.domains=[real]"
+        )
+    stages = list(plans)
+    group_of = lineage_groups((image_id, m.parents) for image_id, m in made.items())
+    class_of_group = _group_classes(storage, layout, made, group_of)
+
+    # 2. The chosen techniques' images, by class and lineage group.
+    found = Counter(m.technique for m in made.values())
+    techniques = list(d.techniques) if d.techniques is not None else sorted(found, key=_technique_order)
+    for technique in techniques:
+        if not found[technique]:
+            log.warning("dataset: dataset.techniques lists %r, but run %r has no such images", technique, cfg.run)
+    chosen = set(techniques)
+    members: dict[str, list[str]] = defaultdict(list)  # group key -> its chosen images
+    for image_id, m in made.items():
+        if m.technique in chosen:
+            members[group_of[image_id]].append(image_id)
+    groups_by_class: dict[str, list[str]] = defaultdict(list)  # class slug -> group keys
+    images_by_class: Counter = Counter()  # class name as stored -> chosen images
+    for key, ids in members.items():
+        groups_by_class[class_slug(class_of_group[key])].append(key)
+        images_by_class[class_of_group[key]] += len(ids)
+
+    # Labels come from the class name, so a run with another class order still lines up.
     ours = {class_slug(c): label for label, c in enumerate(cfg.prompts.classes)}
-    absent = [c for c in cfg.prompts.classes if class_slug(c) not in {class_slug(n) for n in by_class}]
+    absent = [c for c in cfg.prompts.classes if not groups_by_class.get(class_slug(c))]
     if absent:
+        which = f" of the techniques {techniques}" if d.techniques is not None else ""
         raise ConfigError(
-            f"prompts.classes {absent} have no images in the generate run {cfg.run!r} (it has {sorted(by_class)}), "
-            "so the synthetic domain lacks them. Fix: generate them (rerun the generate stage with these "
-            "prompts.classes under a new run name) or remove them from prompts.classes"
+            f"prompts.classes {absent} have no images{which} in the {' + '.join(stages)} run {cfg.run!r} (it has "
+            f"{sorted(images_by_class)}), so the synthetic domain lacks them. Fix: generate them (rerun the generate "
+            "stage with these prompts.classes under a new run name), "
+            + ("choose more dataset.techniques, " if d.techniques is not None else "")
+            + "or remove them from prompts.classes"
         )
-    ignored_classes = {n: len(ids) for n, ids in sorted(by_class.items()) if class_slug(n) not in ours}
+    ignored_classes = {n: k for n, k in sorted(images_by_class.items()) if class_slug(n) not in ours}
 
+    # 3. Per class, whole groups to test and train in a seeded order: decided by ids, parents,
+    # classes and dataset.seed alone, before any image is read.
     splits: dict[str, list[Item]] = {"train": [], "test": []}
-    available, unused, notes = {}, {}, {}
+    available, unused, notes, groups, largest, lineage_notes = {}, {}, {}, {}, {}, {}
     for label, class_name in enumerate(cfg.prompts.classes):
-        ids = next(ids for n, ids in by_class.items() if class_slug(n) == class_slug(class_name))
-        order = seeded_order(ids, d.seed, "synthetic", class_name)
-        n_train, n_test, note = synthetic_split_sizes(len(order), d.synthetic_train_per_class, d.synthetic_test_per_class)
-        available[class_name] = len(order)
-        unused[class_name] = len(order) - n_train - n_test
+        sizes = {key: len(members[key]) for key in groups_by_class[class_slug(class_name)]}
+        n_images = sum(sizes.values())
+        n_train, n_test, note = synthetic_split_sizes(n_images, d.synthetic_train_per_class, d.synthetic_test_per_class)
+        train_keys, test_keys = split_groups(sizes, n_train, n_test, d.seed, "synthetic", class_name)
+        got_train, got_test = sum(sizes[k] for k in train_keys), sum(sizes[k] for k in test_keys)
+        if note and (got_train, got_test) != (n_train, n_test):
+            note += f"; whole lineage groups make it {got_train} train / {got_test} test"
+        elif not note and (got_test - n_test > n_test // 10 or n_train - got_train > n_train // 10):
+            # Large groups (many fusions chain a class's parents together) cannot be split finely.
+            lineage_notes[class_name] = (
+                f"whole lineage groups make it {got_train} train / {got_test} test (asked for {n_train}/{n_test}); "
+                f"its largest group holds {max(sizes.values())} of {n_images} images"
+            )
+            log.warning("dataset: synthetic class %r: %s", class_name, lineage_notes[class_name])
+        available[class_name] = n_images
+        groups[class_name] = len(sizes)
+        largest[class_name] = max(sizes.values())
+        unused[class_name] = n_images - got_train - got_test
         if note:
             notes[class_name] = note
             log.warning("dataset: synthetic class %r: %s", class_name, note)
-        for split, chosen in (("train", order[:n_train]), ("test", order[n_train : n_train + n_test])):
-            for image_id in chosen:
-                source = layout.generate_shard(shard_of[image_id])
+        for split, keys in (("train", train_keys), ("test", test_keys)):
+            for image_id in sorted(i for key in keys for i in members[key]):
+                source = layout.shard(made[image_id].stage, made[image_id].shard)
                 splits[split].append(Item(id=image_id, label=label, class_name=class_name, source=source))
 
-    # Image bytes, one shard read at a time, only for the chosen ids.
+    # 4. Image bytes, one shard read at a time, only for the chosen ids.
+    ids_of: dict[tuple[str, int], list[str]] = defaultdict(list)
+    for image_id, m in made.items():
+        ids_of[(m.stage, m.shard)].append(image_id)
     wanted = {item.id: item for items in splits.values() for item in items}
-    for shard in sorted({shard_of[i] for i in wanted}):
-        key = layout.generate_shard(shard)
+    to_read = sorted({(made[i].stage, made[i].shard) for i in wanted}, key=lambda s: (IMAGE_STAGES.index(s[0]), s[1]))
+    for stage, shard in to_read:
+        key = layout.shard(stage, shard)
         try:
-            check = check_shard(storage.read_bytes(key), shard, plan, ids_of[shard])
+            # A manifest is sorted by id, a shard is in its plan's order (a derive plan's need not be
+            # sorted), so the ids are compared here as sets rather than by check_shard in order.
+            check = check_shard(storage.read_bytes(key), shard, plans[stage])
         except FileNotFoundError:
             raise ConfigError(
-                f"the generate manifest lists images in {storage.uri(key)}, which is missing. Fix: rerun the "
-                "generate stage for this run (it remakes only missing shards)"
+                f"the {stage} manifest lists images in {storage.uri(key)}, which is missing. Fix: rerun the "
+                f"{stage} stage for this run (it remakes only missing shards)"
             ) from None
         if not check.ok:
             raise ConfigError(
-                f"the generate shard {storage.uri(key)} {check.reason}. Fix: rerun the generate stage for this run "
+                f"the {stage} shard {storage.uri(key)} {check.reason}. Fix: rerun the {stage} stage for this run "
                 "(it checks every shard and remakes bad ones), then this stage"
             )
         table = check.table
+        if sorted(table.column("id").to_pylist()) != sorted(ids_of[(stage, shard)]):
+            raise ConfigError(
+                f"the {stage} shard {storage.uri(key)} holds other ids than the {stage} manifest lists in it. Fix: "
+                f"rerun the {stage} stage for this run (it checks every shard and remakes bad ones), then this stage"
+            )
         for image_id, data in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
             if image_id in wanted:
                 wanted[image_id].data = data
     lost = [i for i, item in wanted.items() if item.data is None]
     if lost:
+        stage = made[lost[0]].stage
         raise ConfigError(
-            f"{len(lost)} images in the generate manifest are not in their shards (e.g. {lost[0]!r}). Fix: delete "
-            f"{storage.uri(layout.stage('generate'))} and rerun the generate stage"
+            f"{len(lost)} images in the {stage} manifest are not in their shards (e.g. {lost[0]!r}). Fix: delete "
+            f"{storage.uri(layout.stage(stage))} and rerun the {stage} stage"
         )
     info = {
-        "source": "generate",
-        "manifest": storage.uri(layout.generate_manifest),
+        "source": "+".join(stages),
+        "manifests": {stage: storage.uri(layout.manifest(stage)) for stage in stages},
+        "techniques": techniques,
+        "unselected_techniques": {t: n for t, n in sorted(found.items()) if t not in chosen},
         "available_per_class": available,
+        "groups_per_class": groups,
+        "largest_group_per_class": largest,
+        "lineage_split": lineage_notes,
         "unused_per_class": unused,
         "proportional_split": notes,
         "ignored_classes": ignored_classes,
     }
-    return DomainItems(splits=splits, info=info)
+    technique_of = {image_id: made[image_id].technique for image_id in wanted}
+    return DomainItems(splits=splits, info=info, group_of={i: group_of[i] for i in wanted}, technique_of=technique_of)
+
+
+def _technique_order(technique: str) -> tuple[int, str]:
+    """Known techniques in their pipeline order (config.TECHNIQUES), any other after them by name."""
+    return (TECHNIQUES.index(technique) if technique in TECHNIQUES else len(TECHNIQUES), technique)
 
 
 # --------------------------------------------------------------------------------------------
@@ -595,6 +789,18 @@ def _counts(table: pa.Table, classes: Sequence[str]) -> dict[str, int]:
     return {c: int(counts.get(c, 0)) for c in classes}
 
 
+def _lineage_counts(table: pa.Table, found: DomainItems) -> tuple[int, dict]:
+    """The lineage groups of one stored synthetic split, and per technique {images, groups}."""
+    assert found.group_of is not None and found.technique_of is not None
+    images: Counter = Counter()
+    groups: dict[str, set] = defaultdict(set)
+    for image_id in table.column("id").to_pylist():
+        images[found.technique_of[image_id]] += 1
+        groups[found.technique_of[image_id]].add(found.group_of[image_id])
+    n_groups = len(set().union(*groups.values()))
+    return n_groups, {t: {"images": int(images[t]), "groups": len(groups[t])} for t in found.info["techniques"]}
+
+
 def run_dataset(cfg: Config, storage: Optional[Storage] = None) -> dict:
     """Build (or rebuild, identically) the real and synthetic splits of ``cfg.run``; returns the summary."""
     from synth.runtime import write_stage_config, write_stage_summary
@@ -626,16 +832,23 @@ def run_dataset(cfg: Config, storage: Optional[Storage] = None) -> dict:
     }
     for domain, found in domains.items():
         # 2. Validation split from the training split, by id, before any image is decoded.
-        train, val = carve_val(found.splits["train"], d.val_fraction, d.seed, domain)
+        train, val = carve_val(found.splits["train"], d.val_fraction, d.seed, domain, found.group_of)
         planned = {"train": train, "val": val, "test": found.splits["test"]}
         report = dict(found.info)
         report.update(images={}, per_class={}, skipped_corrupt={})
+        if found.group_of is not None:
+            report.update(groups={}, per_technique={})
         seen: dict[str, str] = {}
+        group_split: dict[str, str] = {}
         for split in SPLITS:
             for item in planned[split]:
-                if item.id in seen:  # by construction impossible; a leak would void every number
+                # Both by construction impossible; a leak would void every number.
+                if item.id in seen:
                     raise RuntimeError(f"{domain}: id {item.id!r} is in both {seen[item.id]} and {split}")
                 seen[item.id] = split
+                group = found.group_of[item.id] if found.group_of is not None else item.id
+                if group_split.setdefault(group, split) != split:
+                    raise RuntimeError(f"{domain}: the lineage group of {group!r} is in both {group_split[group]} and {split}")
             # 3. Decode, normalise and store each split.
             table, skipped = build_table(planned[split], domain, d.image_size, classes, found.reader)
             key = layout.dataset_split(domain, split)
@@ -643,11 +856,18 @@ def run_dataset(cfg: Config, storage: Optional[Storage] = None) -> dict:
             report["images"][split] = table.num_rows
             report["per_class"][split] = _counts(table, classes)
             report["skipped_corrupt"][split] = skipped
+            if found.group_of is not None:
+                report["groups"][split], report["per_technique"][split] = _lineage_counts(table, found)
             summary["tables"][f"{domain}/{split}"] = storage.uri(key)
             if skipped:
                 log.warning("dataset: %s/%s: skipped %d unreadable images", domain, split, skipped)
         summary["domains"][domain] = report
-        say("dataset", f"{domain}: " + ", ".join(f"{split} {n:,}" for split, n in report["images"].items()) + " images")
+        line = f"{domain}: " + ", ".join(f"{split} {n:,}" for split, n in report["images"].items()) + " images"
+        if "per_technique" in report:
+            # e.g. "(template 4,500/500/1,000, variation 900/100/200 train/val/test)"
+            per_split = [f"{t} " + "/".join(f"{report['per_technique'][s][t]['images']:,}" for s in SPLITS) for t in report["techniques"]]
+            line += f" ({', '.join(per_split)} train/val/test)"
+        say("dataset", line)
     summary["wall_seconds"] = round(time.perf_counter() - start, 3)
     return write_stage_summary(storage, cfg, "dataset", summary)
 

@@ -7,8 +7,9 @@ should exist is looked for and checked:
 - generate: ``plan.json`` is this config's plan; every shard is there, intact (its checksum) and
   of this plan (:func:`synth.imagejob.scan_shards`); stray names are reported; the manifest
   lists exactly the shards' images;
+- derive: the same for the children planned from the stored parent table;
 - dataset: every split is readable, holds the number of images its summary says, no id is in
-  two splits of a domain, and every synthetic id is in the generate manifest;
+  two splits of a domain, and every synthetic id is in the generate or derive manifest;
 - train: every cell of ``train.experiments x train.seeds`` has a valid ``metrics.json`` made with
   this config and a loadable ``model.pt``;
 - tune: every (ratio, seed) of the grid has a valid record made with this config.
@@ -32,7 +33,7 @@ from synth.progress import plural, say
 from synth.storage import Layout, Storage, quarantine
 
 MISSING, CORRUPT, FOREIGN, EXTRA = "missing", "corrupt", "foreign", "extra"
-STAGES = ("prompts", "generate", "dataset", "train", "tune")
+STAGES = ("prompts", "generate", "derive", "dataset", "train", "tune")
 
 
 @dataclass
@@ -87,45 +88,77 @@ def check_prompts(cfg: Config, storage: Storage) -> StageCheck:
 
 
 def check_generate(cfg: Config, storage: Storage) -> StageCheck:
-    import pyarrow as pa
-
     from synth.generate import plan_for, shard_rows
-    from synth.imagejob import scan_shards
     from synth.prompts import build_prompt_table
-    from synth.shards import MANIFEST_COLUMNS, plan_sha256
 
     layout = Layout(cfg.run)
-    stored_plan = storage.read_json_or_none(layout.generate_plan)
-    check = StageCheck("generate", ran=stored_plan is not None or bool(storage.list(layout.generate_shards)))
+    check = StageCheck("generate", ran=_image_job_started(storage, layout, "generate"))
     if not check.ran:
         return check
     prompts = build_prompt_table(cfg)
-    plan = plan_for(cfg, prompts)
+    return _check_image_job(check, storage, layout, plan_for(cfg, prompts), shard_rows(prompts, cfg.generate.shard_size))
+
+
+def check_derive(cfg: Config, storage: Storage) -> StageCheck:
+    from synth.derive import child_rows, deriver_class, plan_for
+    from synth.imagejob import cut_shards
+
+    layout = Layout(cfg.run)
+    check = StageCheck("derive", ran=_image_job_started(storage, layout, "derive"))
+    if not check.ran:
+        return check
+    try:
+        parents = storage.read_parquet(layout.derive_parents)
+    except FileNotFoundError:
+        check.findings.append(Finding(MISSING, layout.derive_parents, "the parent table the children were planned from"))
+        return check
+    except Exception as exc:
+        check.findings.append(Finding(CORRUPT, layout.derive_parents, f"unreadable ({type(exc).__name__})"))
+        return check
+    rows = child_rows(cfg, parents)
+    plan = plan_for(cfg, parents, rows, deriver_class(cfg.derive.generator).model_name(cfg.derive))
+    check = _check_image_job(check, storage, layout, plan, cut_shards(rows, cfg.generate.shard_size))
+    check.checked += 1
+    return check
+
+
+def _image_job_started(storage: Storage, layout: Layout, stage: str) -> bool:
+    return storage.exists(layout.plan(stage)) or bool(storage.list(layout.shards(stage)))
+
+
+def _check_image_job(check: StageCheck, storage: Storage, layout: Layout, plan: dict, shards: list[list[dict]]) -> StageCheck:
+    """Plan, shards and manifest of one image job (generate or derive) against the plan this config makes."""
+    import pyarrow as pa
+
+    from synth.imagejob import scan_shards
+    from synth.shards import MANIFEST_COLUMNS, plan_sha256
+
+    stage = check.stage
+    stored_plan = storage.read_json_or_none(layout.plan(stage))
     if stored_plan is None:
-        check.findings.append(Finding(MISSING, layout.generate_plan, "shards are stored but the plan is not"))
+        check.findings.append(Finding(MISSING, layout.plan(stage), "shards are stored but the plan is not"))
     elif stored_plan != plan:
         changed = sorted(k for k in set(plan) | set(stored_plan) if plan.get(k) != stored_plan.get(k))
         reason = f"the run was made under another plan (differs in {', '.join(changed)}); verify with the config that made it"
-        check.findings.append(Finding(FOREIGN, layout.generate_plan, reason, repairable=False))
+        check.findings.append(Finding(FOREIGN, layout.plan(stage), reason, repairable=False))
         return check
-    shards = shard_rows(prompts, cfg.generate.shard_size)
-    scan = scan_shards(storage, layout, [[r["id"] for r in rows] for rows in shards], plan_sha256(plan))
+    scan = scan_shards(storage, layout, [[r["id"] for r in rows] for rows in shards], plan_sha256(plan), stage=stage)
     check.checked = len(shards) + len(scan.stray) + 1
-    check.findings += [Finding(MISSING, layout.generate_shard(k)) for k in scan.missing]
-    check.findings += [Finding(CORRUPT, layout.generate_shard(k), why) for k, why in sorted(scan.corrupt.items())]
-    check.findings += [Finding(FOREIGN, layout.generate_shard(k), why) for k, why in sorted(scan.foreign.items())]
+    check.findings += [Finding(MISSING, layout.shard(stage, k)) for k in scan.missing]
+    check.findings += [Finding(CORRUPT, layout.shard(stage, k), why) for k, why in sorted(scan.corrupt.items())]
+    check.findings += [Finding(FOREIGN, layout.shard(stage, k), why) for k, why in sorted(scan.foreign.items())]
     check.findings += [Finding(EXTRA, key, "no plan writes this name; left alone") for key in scan.stray]
     try:
-        manifest = storage.read_parquet(layout.generate_manifest, columns=MANIFEST_COLUMNS)
+        manifest = storage.read_parquet(layout.manifest(stage), columns=MANIFEST_COLUMNS)
     except FileNotFoundError:
-        check.findings.append(Finding(MISSING, layout.generate_manifest))
+        check.findings.append(Finding(MISSING, layout.manifest(stage)))
     except Exception as exc:
-        check.findings.append(Finding(CORRUPT, layout.generate_manifest, f"unreadable ({type(exc).__name__})"))
+        check.findings.append(Finding(CORRUPT, layout.manifest(stage), f"unreadable ({type(exc).__name__})"))
     else:
         if len(scan.good) == len(shards):
             shards_say = pa.concat_tables([scan.good[k] for k in sorted(scan.good)]).sort_by("id")
             if not manifest.equals(shards_say):
-                check.findings.append(Finding(CORRUPT, layout.generate_manifest, "does not list exactly the shards' images"))
+                check.findings.append(Finding(CORRUPT, layout.manifest(stage), "does not list exactly the shards' images"))
     check.note = f"{len(scan.good)}/{len(shards)} shards intact, manifest agrees"
     return check
 
@@ -168,17 +201,20 @@ def check_dataset(cfg: Config, storage: Storage) -> StageCheck:
                     manifest_ids = _manifest_ids(storage, layout)
                 unknown = [i for i in ids if i not in manifest_ids]
                 if unknown:
-                    check.findings.append(Finding(FOREIGN, key, f"{len(unknown)} ids are not in the generate manifest"))
+                    check.findings.append(Finding(FOREIGN, key, f"{len(unknown)} ids are in no image manifest (generate, derive)"))
             images += len(ids)
     check.note = f"{check.checked} splits, {images:,} images"
     return check
 
 
 def _manifest_ids(storage: Storage, layout: Layout) -> set:
-    try:
-        return set(storage.read_parquet(layout.generate_manifest, columns=["id"]).column("id").to_pylist())
-    except Exception:  # the generate check reports the manifest itself
-        return set()
+    ids: set = set()
+    for stage in ("generate", "derive"):
+        try:
+            ids |= set(storage.read_parquet(layout.manifest(stage), columns=["id"]).column("id").to_pylist())
+        except Exception:  # missing (derive did not run) or damaged: that stage's own check reports the manifest
+            pass
+    return ids
 
 
 def check_train(cfg: Config, storage: Storage) -> StageCheck:
@@ -252,6 +288,7 @@ def check_tune(cfg: Config, storage: Storage) -> StageCheck:
 CHECKS: dict[str, Callable[[Config, Storage], StageCheck]] = {
     "prompts": check_prompts,
     "generate": check_generate,
+    "derive": check_derive,
     "dataset": check_dataset,
     "train": check_train,
     "tune": check_tune,
@@ -262,6 +299,7 @@ CHECKS: dict[str, Callable[[Config, Storage], StageCheck]] = {
 RUNNERS = {
     "prompts": "synth.prompts:run_prompts",
     "generate": "synth.generate:run_generate",
+    "derive": "synth.derive:run_derive",
     "dataset": "synth.dataset:run_dataset",
     "train": "synth.train:run_train",
     "tune": "synth.tune:run_tune",

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import pickle
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 from conftest import REPO, synth_imports
 from ray_jobs._cli import main as cli_main
-from synth.config import ConfigError, load_config
-from synth.dataset import SPLITS, load_split, load_split_table, run_dataset, synthetic_split_sizes, val_size
+from synth.config import TECHNIQUES, ConfigError, load_config
+from synth.dataset import (
+    SPLITS, Item, carve_val, lineage_groups, load_split, load_split_table, run_dataset, seeded_order, split_groups,
+    synthetic_split_sizes, val_size,
+)  # fmt: skip
 from synth.generate import model_name, plan_for, shard_rows
 from synth.imagejob import build_manifest, claim_plan, scan_shards
 from synth.images import encode_png
-from synth.shards import plan_sha256, shard_table
+from synth.shards import META_PLAN, plan_sha256, shard_table
 from synth.prompts import build_prompt_table
 from synth.storage import Layout, Storage
-from synth.testkit import ClassAwareTestGenerator, write_cifar10_fixture, write_image_folder_fixture
+from synth.testkit import ClassAwareTestGenerator, class_pattern_image, write_cifar10_fixture, write_image_folder_fixture
 
 # Not CIFAR's order (bird=2, cat=3, dog=5 there): labels must be mapped by name.
 CLASSES = ["bird", "cat", "dog"]
@@ -357,3 +362,279 @@ def test_dataset_imports_no_later_stage():
     assert synth_imports(REPO / "synth" / "dataset.py") <= {
         "synth.config", "synth.images", "synth.progress", "synth.storage", "synth.runtime", "synth.shards"
     }  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic: lineage (derive stage), technique selection
+# --------------------------------------------------------------------------------------------
+
+
+def write_image_stage(storage: Storage, stage: str, rows: list[dict], shard_size: int = 64) -> None:
+    """A generate or derive stage's stored output (shards and manifest, as the stage writes them) from
+    rows of id, label, class_name, technique and parents; each image is its class's pattern."""
+    layout = Layout(RUN)
+    plan = plan_sha256({"stage": stage, "ids": [r["id"] for r in rows]})
+    manifests = []
+    for k in range(0, len(rows), shard_size):
+        chunk = [{"prompt": "", "negative": "", "seed": seed, **r} for seed, r in enumerate(rows[k : k + shard_size], start=k)]
+        pngs = [encode_png(class_pattern_image(r["label"], r["seed"])) for r in chunk]
+        table = shard_table(chunk, pngs, k // shard_size, "test-model", (32, 32), plan)
+        storage.write_parquet(layout.shard(stage, k // shard_size), table)
+        manifests.append(table.drop_columns(["image"]))
+    manifest = pa.concat_tables(manifests).sort_by("id").replace_schema_metadata({META_PLAN: plan.encode()})
+    storage.write_parquet(layout.manifest(stage), manifest)
+
+
+def row(image_id: str, class_name: str, technique: str, parents=()) -> dict:
+    return {"id": image_id, "label": CLASSES.index(class_name), "class_name": class_name, "technique": technique,
+            "parents": list(parents)}  # fmt: skip
+
+
+def derived_rows(parents_by_class: dict[str, list[str]], variations: int, fusions: int, seed: int = 0) -> list[dict]:
+    """Per parent ``variations`` variations and one inpainting; per class ``fusions`` fusions of seeded pairs."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for class_name, parents in parents_by_class.items():
+        for parent in parents:
+            rows += [row(f"{parent}-v{k}", class_name, "variation", [parent]) for k in range(variations)]
+            rows.append(row(f"{parent}-i0", class_name, "inpainting", [parent]))
+        for k in range(fusions):
+            a, b = rng.choice(len(parents), size=2, replace=False)
+            rows.append(row(f"fusion-{class_name}-{k:03d}", class_name, "fusion", [parents[a], parents[b]]))
+    return rows
+
+
+def write_lineage_run(storage: Storage, parents_per_class: int = 24, variations: int = 3, fusions: int = 12) -> None:
+    """Text-to-image parents (template and adversarial) in generate; variations, inpaintings, fusions in derive."""
+    generated = [
+        row(f"gen-{c}-{i:04d}", c, "adversarial" if i % 4 == 0 else "template") for c in CLASSES for i in range(parents_per_class)
+    ]
+    write_image_stage(storage, "generate", generated)
+    parents = {c: [r["id"] for r in generated if r["class_name"] == c] for c in CLASSES}
+    write_image_stage(storage, "derive", derived_rows(parents, variations, fusions))
+
+
+def manifest_rows(storage: Storage) -> dict[str, dict]:
+    """id -> manifest row over both stages' manifests."""
+    out = {}
+    for stage in ("generate", "derive"):
+        key = Layout(RUN).manifest(stage)
+        if storage.exists(key):
+            out.update({r["id"]: r for r in storage.read_parquet(key).to_pylist()})
+    return out
+
+
+def groups_by_search(rows: dict[str, dict]) -> dict[str, int]:
+    """id -> group number: connected components of the parent links, by breadth-first search."""
+    neighbours: dict[str, set] = {}
+    for image_id, r in rows.items():
+        neighbours.setdefault(image_id, set())
+        for parent in r["parents"]:
+            neighbours[image_id].add(parent)
+            neighbours.setdefault(parent, set()).add(image_id)
+    group: dict[str, int] = {}
+    for start in sorted(neighbours):
+        if start in group:
+            continue
+        group[start], queue = len(group), [start]
+        number = group[start]
+        while queue:
+            for other in neighbours[queue.pop()]:
+                if other not in group:
+                    group[other] = number
+                    queue.append(other)
+    return group
+
+
+def assert_no_group_spans_splits(storage: Storage) -> dict[str, list[str]]:
+    """Every lineage group (found independently of synth.dataset) lies in one split; returns the split ids."""
+    group = groups_by_search(manifest_rows(storage))
+    split_ids = {split: t.column("id").to_pylist() for split, t in tables(storage, "synthetic").items()}
+    split_of_group: dict[int, str] = {}
+    for split, ids in split_ids.items():
+        for image_id in ids:
+            other = split_of_group.setdefault(group[image_id], split)
+            assert other == split, f"the lineage group of {image_id!r} is in {other} and {split}"
+    return split_ids
+
+
+def lineage_cfg(root, *overrides: str):
+    return make_cfg(root, "dataset.domains=[synthetic]", *overrides)
+
+
+def test_lineage_groups_never_span_splits(tmp_path):
+    storage = Storage(str(tmp_path))
+    write_lineage_run(storage)
+    rows = manifest_rows(storage)
+    group = groups_by_search(rows)
+    sizes = Counter(group.values())
+    assert max(sizes.values()) > 10  # fusions chain parents into large groups: a real test of the split
+
+    # Enough images for the quotas (some unused), then too few (split proportionally), then another seed.
+    for overrides in (
+        ["dataset.synthetic_train_per_class=80", "dataset.synthetic_test_per_class=30", "dataset.val_fraction=0.2"],
+        ["dataset.val_fraction=0.2"],
+        ["dataset.val_fraction=0.3", "dataset.seed=5"],
+    ):
+        summary = run_dataset(lineage_cfg(tmp_path, *overrides))
+        split_ids = assert_no_group_spans_splits(storage)
+        check_split_tables(storage, "synthetic")
+        syn = summary["domains"]["synthetic"]
+        assert all(n > 0 for n in syn["images"].values()), syn["images"]
+        assert syn["source"] == "generate+derive" and syn["techniques"] == list(TECHNIQUES)
+        for split in SPLITS:
+            ids = split_ids[split]
+            per_technique = syn["per_technique"][split]
+            assert sum(v["images"] for v in per_technique.values()) == len(ids) == syn["images"][split]
+            for technique, counts in per_technique.items():
+                of_technique = [i for i in ids if rows[i]["technique"] == technique]
+                assert counts == {"images": len(of_technique), "groups": len({group[i] for i in of_technique})}
+            assert syn["groups"][split] == len({group[i] for i in ids})
+        # An image's source is the shard of the stage that made it.
+        train = tables(storage, "synthetic")["train"]
+        for image_id, source in zip(train.column("id").to_pylist(), train.column("source").to_pylist()):
+            stage = "generate" if rows[image_id]["technique"] in ("template", "adversarial") else "derive"
+            assert source.startswith(f"{RUN}/{stage}/shards/shard-"), (image_id, source)
+    # The quotas hold in images, test passing its quota by less than one group.
+    first = run_dataset(lineage_cfg(tmp_path, "dataset.synthetic_train_per_class=80", "dataset.synthetic_test_per_class=30"))
+    for c in CLASSES:
+        assert 30 <= per_class(first, "synthetic", "test")[c] < 30 + max(sizes.values())
+        assert per_class(first, "synthetic", "train")[c] + per_class(first, "synthetic", "val")[c] <= 80
+    # Deterministic: a rerun gives the same tables.
+    before = tables(storage, "synthetic")
+    run_dataset(lineage_cfg(tmp_path, "dataset.synthetic_train_per_class=80", "dataset.synthetic_test_per_class=30"))
+    assert all(tables(storage, "synthetic")[s].equals(before[s]) for s in SPLITS)
+
+
+def test_technique_selection_keeps_exactly_the_listed_techniques(tmp_path, capsys):
+    storage = Storage(str(tmp_path))
+    write_lineage_run(storage)
+    rows = manifest_rows(storage)
+    summary = run_dataset(lineage_cfg(tmp_path, "dataset.techniques=[variation,fusion]"))
+    split_ids = assert_no_group_spans_splits(storage)
+    used = {rows[i]["technique"] for ids in split_ids.values() for i in ids}
+    assert used == {"variation", "fusion"}
+    assert sum(len(ids) for ids in split_ids.values()) == sum(r["technique"] in used for r in rows.values())
+    syn = summary["domains"]["synthetic"]
+    assert syn["techniques"] == ["variation", "fusion"]
+    assert all(set(syn["per_technique"][s]) == {"variation", "fusion"} for s in SPLITS)
+    assert syn["unselected_techniques"] == {
+        t: sum(r["technique"] == t for r in rows.values()) for t in ("adversarial", "inpainting", "template")
+    }
+    assert "variation " in capsys.readouterr().out  # the stage's line says what each technique gave
+
+    # Text-to-image only: exactly the generate manifest's images, every one used (proportional split).
+    run_dataset(lineage_cfg(tmp_path, "dataset.techniques=[template,adversarial]"))
+    split_ids = assert_no_group_spans_splits(storage)
+    assert sorted(i for ids in split_ids.values() for i in ids) == sorted(
+        i for i, r in rows.items() if r["technique"] in ("template", "adversarial")
+    )
+    # A class with no images of the chosen techniques is a clear error.
+    write_image_stage(storage, "derive", [r for r in rows.values() if r["technique"] == "variation" and r["class_name"] != "dog"])
+    with pytest.raises(ConfigError, match=r"\['dog'\] have no images of the techniques \['variation'\].*dataset.techniques"):
+        run_dataset(lineage_cfg(tmp_path, "dataset.techniques=[variation]"))
+
+
+def test_derive_only_run_from_user_photos(tmp_path):
+    storage = Storage(str(tmp_path))
+    layout = Layout(RUN)
+    photos = {c: [f"photo-{c}-{i:03d}" for i in range(8)] for c in CLASSES}
+    # The user's photos: lineage roots, never synthetic images (one of them unused by the derive stage).
+    photos["cat"].append("photo-cat-unused")
+    storage.write_parquet(
+        layout.derive_parents,
+        pa.table({
+            "id": [p for ps in photos.values() for p in ps],
+            "label": pa.array([CLASSES.index(c) for c, ps in photos.items() for _ in ps], pa.int32()),
+            "class_name": [c for c, ps in photos.items() for _ in ps],
+            "source": [f"photos/{c}/{p}.png" for c, ps in photos.items() for p in ps],
+            "image": [encode_png(class_pattern_image(CLASSES.index(c), 0)) for c, ps in photos.items() for _ in ps],
+        }),
+    )  # fmt: skip
+    used = {c: [p for p in ps if p != "photo-cat-unused"] for c, ps in photos.items()}
+    write_image_stage(storage, "derive", derived_rows(used, variations=2, fusions=3), shard_size=16)
+    assert not storage.exists(layout.manifest("generate"))
+    summary = run_dataset(lineage_cfg(tmp_path, "dataset.val_fraction=0.2"))
+    syn = summary["domains"]["synthetic"]
+    assert syn["source"] == "derive" and syn["techniques"] == ["variation", "fusion", "inpainting"]
+    split_ids = assert_no_group_spans_splits(storage)
+    ts = check_split_tables(storage, "synthetic")
+    all_ids = {i for ids in split_ids.values() for i in ids}
+    assert all_ids == set(manifest_rows(storage))  # every derived image, and no photo
+    assert all(s.startswith(f"{RUN}/derive/shards/shard-") for t in ts.values() for s in t.column("source").to_pylist())
+
+    # Without either manifest: one error naming both stages.
+    storage.delete(layout.manifest("derive"))
+    with pytest.raises(ConfigError, match=r"no generate manifest.*no derive manifest.*ray_jobs.generate.*derive stage"):
+        run_dataset(lineage_cfg(tmp_path))
+
+
+def ungrouped_splits(ids: list[str], class_name: str, seed: int, fraction: float) -> dict[str, str]:
+    """id -> split as the stage chose before lineage groups: a seeded order of ids, train first, then test, then val."""
+    order = seeded_order(ids, seed, "synthetic", class_name)
+    n_train, n_test, _ = synthetic_split_sizes(len(order), 5000, 1000)
+    train = [Item(id=i, label=0, class_name=class_name, source="") for i in order[:n_train]]
+    keep, val = carve_val(train, fraction, seed, "synthetic")
+    out = {item.id: "train" for item in keep} | {item.id: "val" for item in val}
+    return out | {i: "test" for i in order[n_train : n_train + n_test]}
+
+
+def test_fused_image_lands_with_both_parents(tmp_path):
+    storage = Storage(str(tmp_path))
+    generated = [row(f"gen-{c}-{i:02d}", c, "template") for c in CLASSES for i in range(6)]
+    write_image_stage(storage, "generate", generated)
+    fused = [row(f"fusion-{c}", c, "fusion", [f"gen-{c}-01", f"gen-{c}-04"]) for c in CLASSES]
+    write_image_stage(storage, "derive", fused)
+    ids = [r["id"] for r in generated + fused if r["class_name"] == "cat"]
+    # A seed where a split of single images would part the two parents.
+    seed = next(s for s in range(100) if len({ungrouped_splits(ids, "cat", s, 0.2)[p] for p in fused[1]["parents"]}) > 1)
+    run_dataset(lineage_cfg(tmp_path, f"dataset.seed={seed}", "dataset.val_fraction=0.2"))
+    split_ids = assert_no_group_spans_splits(storage)
+    split_of = {i: split for split, ids in split_ids.items() for i in ids}
+    assert split_of["fusion-cat"] == split_of["gen-cat-01"] == split_of["gen-cat-04"]
+
+
+def test_a_lineage_group_of_two_classes_is_a_clear_error(tmp_path):
+    storage = Storage(str(tmp_path))
+    write_image_stage(storage, "generate", [row(f"gen-{c}-0", c, "template") for c in CLASSES])
+    write_image_stage(storage, "derive", [row("gen-bird-0-v0", "cat", "variation", ["gen-bird-0"])])
+    with pytest.raises(ConfigError, match=r"'gen-bird-0'.*spans several classes.*rerun the derive stage"):
+        run_dataset(lineage_cfg(tmp_path))
+
+
+def test_lineage_rules():
+    # Groups are named by their smallest id; fusion joins two groups, chains join across steps.
+    links = [("b-v0", ["b"]), ("c", []), ("z", ["b-v0"]), ("f", ["c", "z"]), ("lone", [])]
+    assert lineage_groups(links) == {i: "b" for i in ("b", "b-v0", "c", "z", "f")} | {"lone": "lone"}
+    # Test takes whole groups until its quota is reached; train takes what fits.
+    train, test = split_groups({"a": 3, "b": 1, "c": 1, "d": 2}, 3, 2, 0, "x")
+    sizes = {"a": 3, "b": 1, "c": 1, "d": 2}
+    assert not set(train) & set(test) and sum(sizes[k] for k in test) >= 2 and sum(sizes[k] for k in train) <= 3
+    # Single-image groups: the same split as a seeded choice of images.
+    assert split_groups({i: 1 for i in "abcdef"}, 4, 2, 7, "x") == (
+        seeded_order(list("abcdef"), 7, "x")[2:], seeded_order(list("abcdef"), 7, "x")[:2]
+    )  # fmt: skip
+
+
+def test_real_domain_val_carve_is_a_seeded_choice_of_images():
+    """Real photos are each their own group: val is exactly the first val_size ids of the seeded order."""
+    items = [Item(id=f"cifar10-train-{i:06d}", label=i % 3, class_name=CLASSES[i % 3], source="") for i in range(60)]
+    keep, val = carve_val(items, 0.1, 3, "real")
+    for c in CLASSES:
+        ids = [item.id for item in items if item.class_name == c]
+        order = seeded_order(ids, 3, "real", "val", c)
+        n_val = val_size(len(ids), 0.1)
+        assert sorted(i.id for i in val if i.class_name == c) == sorted(order[:n_val])
+        assert sorted(i.id for i in keep if i.class_name == c) == sorted(order[n_val:])
+    assert carve_val(items, 0.1, 3, "real", {item.id: item.id for item in items}) == (keep, val)
+
+
+def test_techniques_config_validation():
+    assert load_config(None, ["dataset.techniques=[template,variation]"]).dataset.techniques == ["template", "variation"]
+    assert load_config(None, ["dataset.techniques=null"]).dataset.techniques is None
+    assert load_config(None, []).dataset.techniques is None
+    for bad in ("dataset.techniques=[]", "dataset.techniques=[warp]", "dataset.techniques=[fusion,fusion]",
+                "dataset.techniques=fusion"):  # fmt: skip
+        with pytest.raises(ConfigError, match=r"dataset\.techniques.*(template|\[first,second\])") as err:
+            load_config(None, [bad])
+        assert "\n" not in str(err.value)

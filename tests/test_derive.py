@@ -116,6 +116,16 @@ def test_derived_from_generated_parents_complete_lineage_exactly_once(tmp_path, 
     assert again["shards_generated"] == 0 and again["images_generated"] == 0 and again["shards_already_stored"] == 9
     assert read_stage(storage, "d", "derive")[1] == images, "a rerun changes nothing"
 
+    # verify sees the derive stage; a damaged child shard is quarantined and remade, byte for byte.
+    from synth.verify import run_verify
+
+    assert run_verify(cfg, storage)["stages"]["derive"]["problems"] == 0
+    key = Layout("d").shard("derive", 4)
+    storage.write_bytes(key, storage.read_bytes(key)[:-100])
+    summary = run_verify(cfg, storage, repair=True)
+    assert summary["problems_found"] == 1 and summary["problems"] == 0 and list(summary["repaired"]) == ["derive"]
+    assert read_stage(storage, "d", "derive")[1] == images
+
 
 def _photo_folder(root, classes: dict[str, int]):
     for label, (name, n) in enumerate(classes.items()):
