@@ -29,7 +29,6 @@ from synth.config import Config, ConfigError, DeriveConfig, GenerateConfig
 from synth.images import GeneratedImages, inpaint_mask
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
 
 # model_index.json class names of the pipelines that need special handling.

@@ -233,12 +233,11 @@ def build_tiny_random_kandinsky(out_dir: str | Path, seed: int = 0) -> tuple[Pat
         tokenizer = build_tiny_clip_tokenizer(Path(tmp))
         text_encoder = _tiny_clip_text_encoder(tokenizer)
         prior = _tiny_prior_transformer()
-        image_encoder = CLIPVisionModelWithProjection(
-            CLIPVisionConfig(
-                hidden_size=_EMBED, projection_dim=_EMBED, image_size=32, patch_size=8, intermediate_size=37,
-                num_attention_heads=4, num_hidden_layers=2, num_channels=3,
-            )  # fmt: skip
-        )
+        vision = CLIPVisionConfig(
+            hidden_size=_EMBED, projection_dim=_EMBED, image_size=32, patch_size=8, intermediate_size=37,
+            num_attention_heads=4, num_hidden_layers=2, num_channels=3,
+        )  # fmt: skip
+        image_encoder = CLIPVisionModelWithProjection(vision)
         image_processor = CLIPImageProcessor(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True, do_resize=True,
             do_normalize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
