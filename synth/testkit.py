@@ -10,7 +10,12 @@
   so a classifier trained on one and tested on the other is far above chance only if labels and
   ids survived the whole chain.
 
-Usage: ``python -m synth.testkit tiny-sd <folder>`` or ``cifar10-fixture <folder>``.
+- :func:`build_tiny_random_sd_inpaint_pipeline`, :func:`build_tiny_random_kandinsky` (a prior +
+  decoder pair) and :func:`build_tiny_random_unclip` do the same for the image-conditioned and
+  prior-based pipelines of :mod:`synth.diffusion`, from the configs of diffusers' own fast tests.
+
+Usage: ``python -m synth.testkit tiny-sd <folder>`` (or ``tiny-sd-inpaint``, ``tiny-kandinsky``,
+``tiny-unclip``) or ``cifar10-fixture <folder>``.
 """
 
 from __future__ import annotations
@@ -49,9 +54,12 @@ def build_tiny_clip_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
 
 
-def _save_random_sd_pipeline(out: Path, unet, vae, text_config: dict, dtype=None) -> Path:
+def _save_random_sd_pipeline(out: Path, unet, vae, text_config: dict, dtype=None, pipeline_class=None) -> Path:
     """Assemble a Stable Diffusion pipeline around ``unet`` and ``vae`` (SD-Turbo's scheduler,
-    the byte-level tokenizer, a random CLIP text encoder from ``text_config``) and save it."""
+    the byte-level tokenizer, a random CLIP text encoder from ``text_config``) and save it.
+
+    ``pipeline_class`` (default ``StableDiffusionPipeline``) is what ``model_index.json`` records,
+    e.g. ``StableDiffusionInpaintPipeline`` around a 9-channel UNet."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -70,7 +78,7 @@ def _save_random_sd_pipeline(out: Path, unet, vae, text_config: dict, dtype=None
         scheduler = EulerDiscreteScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing", steps_offset=1
         )
-        pipe = StableDiffusionPipeline(
+        pipe = (pipeline_class or StableDiffusionPipeline)(
             unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )  # fmt: skip
@@ -80,17 +88,14 @@ def _save_random_sd_pipeline(out: Path, unet, vae, text_config: dict, dtype=None
     return out
 
 
-def build_tiny_random_sd_pipeline(out: str | Path, seed: int = 0) -> Path:
-    """Write a random-weight Stable Diffusion pipeline (~1 MB) to ``out``; returns the folder."""
-    import torch
+def _tiny_sd_unet_and_vae(in_channels: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=8,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -110,8 +115,19 @@ def build_tiny_random_sd_pipeline(out: str | Path, seed: int = 0) -> Path:
         layers_per_block=1,
         sample_size=64,
     )
-    text = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
-    return _save_random_sd_pipeline(Path(out), unet, vae, text)
+    return unet, vae
+
+
+_TINY_TEXT = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+def build_tiny_random_sd_pipeline(out: str | Path, seed: int = 0) -> Path:
+    """Write a random-weight Stable Diffusion pipeline (~1 MB) to ``out``; returns the folder."""
+    import torch
+
+    torch.manual_seed(seed)
+    unet, vae = _tiny_sd_unet_and_vae(in_channels=4)
+    return _save_random_sd_pipeline(Path(out), unet, vae, _TINY_TEXT)
 
 
 def build_full_size_random_sd_pipeline(out: str | Path, seed: int = 0) -> Path:
@@ -142,6 +158,177 @@ def build_full_size_random_sd_pipeline(out: str | Path, seed: int = 0) -> Path:
     text = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
             "hidden_act": "gelu", "projection_dim": 512}  # fmt: skip
     return _save_random_sd_pipeline(Path(out), unet, vae, text, dtype=torch.float16)
+
+
+# -- tiny random image-conditioned models: SD inpainting, Kandinsky 2.2, UnCLIP ---------------
+# Architectures as in diffusers' own fast tests (tests/pipelines/...), random weights, seeded;
+# each renders 64x64 images on a CPU in well under a second per step.
+
+_EMBED = 32  # CLIP embedding width: text and image projections, the prior's and the decoders' embedding
+
+
+def build_tiny_random_sd_inpaint_pipeline(out: str | Path, seed: int = 0) -> Path:
+    """Write a random-weight Stable Diffusion **inpainting** pipeline to ``out``: the tiny SD model
+    with a 9-channel UNet (noisy latents 4 + mask 1 + masked-image latents 4), as
+    ``stabilityai/stable-diffusion-2-inpainting`` has. Returns the folder."""
+    import torch
+    from diffusers import StableDiffusionInpaintPipeline
+
+    torch.manual_seed(seed)
+    unet, vae = _tiny_sd_unet_and_vae(in_channels=9)
+    return _save_random_sd_pipeline(Path(out), unet, vae, _TINY_TEXT, pipeline_class=StableDiffusionInpaintPipeline)
+
+
+def _tiny_clip_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=_EMBED,
+            projection_dim=_EMBED,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+        )
+    )
+
+
+def _tiny_prior_transformer():
+    import torch
+    from diffusers import PriorTransformer
+
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=12, embedding_dim=_EMBED, num_layers=1)
+    # clip_std starts at 0, which makes post_process_latents return 0 for every prompt and seed.
+    prior.clip_std = torch.nn.Parameter(torch.ones(prior.clip_std.shape))
+    return prior
+
+
+def build_tiny_random_kandinsky(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write a random-weight Kandinsky 2.2 pair: ``<out_dir>/prior`` (KandinskyV22PriorPipeline: text ->
+    CLIP image embedding; its image encoder embeds images for variations and interpolation) and
+    ``<out_dir>/decoder`` (KandinskyV22Pipeline: image embedding -> image). Returns (prior, decoder).
+
+    The image encoder projects to the decoder's image-embedding width (32), so an image's embedding
+    decodes; the decoder renders 64x64 (the MoVQ halves each side: 32x32 latents).
+    """
+    import torch
+    from diffusers import (
+        DDPMScheduler,
+        KandinskyV22Pipeline,
+        KandinskyV22PriorPipeline,
+        UnCLIPScheduler,
+        UNet2DConditionModel,
+        VQModel,
+    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tiny_clip_tokenizer(Path(tmp))
+        text_encoder = _tiny_clip_text_encoder(tokenizer)
+        prior = _tiny_prior_transformer()
+        vision = CLIPVisionConfig(
+            hidden_size=_EMBED, projection_dim=_EMBED, image_size=32, patch_size=8, intermediate_size=37,
+            num_attention_heads=4, num_hidden_layers=2, num_channels=3,
+        )  # fmt: skip
+        image_encoder = CLIPVisionModelWithProjection(vision)
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True, do_resize=True,
+            do_normalize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
+            image_std=[0.26862954, 0.26130258, 0.27577711], resample=3,
+        )  # fmt: skip
+        prior_scheduler = UnCLIPScheduler(
+            variance_type="fixed_small_log", prediction_type="sample", num_train_timesteps=1000,
+            clip_sample=True, clip_sample_range=10.0,
+        )  # fmt: skip
+        prior_pipe = KandinskyV22PriorPipeline(
+            prior=prior, image_encoder=image_encoder, text_encoder=text_encoder, tokenizer=tokenizer,
+            scheduler=prior_scheduler, image_processor=image_processor,
+        )  # fmt: skip
+        prior_pipe.save_pretrained(out_dir / "prior")
+
+    unet = UNet2DConditionModel(
+        in_channels=4,
+        out_channels=8,  # mean and variance, as the real decoder predicts
+        addition_embed_type="image",
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        encoder_hid_dim=_EMBED,  # the image embedding's width: must equal the image encoder's projection
+        encoder_hid_dim_type="image_proj",
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        resnet_time_scale_shift="scale_shift",
+        class_embed_type=None,
+    )
+    movq = VQModel(
+        block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+        up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"], in_channels=3, out_channels=3,
+        latent_channels=4, layers_per_block=1, norm_num_groups=8, norm_type="spatial", num_vq_embeddings=12,
+        vq_embed_dim=4,
+    )  # fmt: skip
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012,
+        clip_sample=False, prediction_type="epsilon", steps_offset=1,
+    )  # fmt: skip
+    KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq).save_pretrained(out_dir / "decoder")
+    return out_dir / "prior", out_dir / "decoder"
+
+
+def build_tiny_random_unclip(out: str | Path, seed: int = 0) -> Path:
+    """Write a random-weight UnCLIPPipeline (Karlo's architecture: prior, 32 px decoder, two 64 px
+    super-resolution UNets) to ``out``; returns the folder. Renders 64x64 whatever is asked."""
+    import torch
+    from diffusers import UnCLIPPipeline, UnCLIPScheduler, UNet2DConditionModel, UNet2DModel
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tiny_clip_tokenizer(Path(tmp))
+        text_encoder = _tiny_clip_text_encoder(tokenizer)
+        prior = _tiny_prior_transformer()
+        text_proj = UnCLIPTextProjModel(clip_embeddings_dim=_EMBED, time_embed_dim=128, cross_attention_dim=100)
+        decoder = UNet2DConditionModel(
+            sample_size=32,
+            in_channels=3,
+            out_channels=6,  # mean and variance
+            down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+            up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+            mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=100,
+            attention_head_dim=4,
+            resnet_time_scale_shift="scale_shift",
+            class_embed_type="identity",
+        )
+        super_res = {
+            "sample_size": 64, "layers_per_block": 1, "block_out_channels": (16, 32), "norm_num_groups": 8,
+            "in_channels": 6, "out_channels": 3,
+            "down_block_types": ("ResnetDownsampleBlock2D",) * 2, "up_block_types": ("ResnetUpsampleBlock2D",) * 2,
+        }  # fmt: skip
+        super_res_first, super_res_last = UNet2DModel(**super_res), UNet2DModel(**super_res)
+        pipe = UnCLIPPipeline(
+            prior=prior, decoder=decoder, text_proj=text_proj, text_encoder=text_encoder, tokenizer=tokenizer,
+            super_res_first=super_res_first, super_res_last=super_res_last,
+            prior_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample",
+                                            num_train_timesteps=1000, clip_sample_range=5.0),
+            decoder_scheduler=UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon",
+                                              num_train_timesteps=1000),
+            super_res_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon",
+                                                num_train_timesteps=1000),
+        )  # fmt: skip
+        pipe.save_pretrained(out)
+    return out
 
 
 # -- class-aware images ----------------------------------------------------------------------
@@ -473,6 +660,9 @@ def write_class_aware_dataset(
 
 USAGE = """usage:
   python -m synth.testkit tiny-sd <folder>                     random-weight tiny Stable Diffusion pipeline
+  python -m synth.testkit tiny-sd-inpaint <folder>             ... its inpainting variant (9-channel UNet)
+  python -m synth.testkit tiny-kandinsky <folder>              ... Kandinsky 2.2 prior + decoder (<folder>/prior, <folder>/decoder)
+  python -m synth.testkit tiny-unclip <folder>                 ... UnCLIP (Karlo's architecture)
   python -m synth.testkit cifar10-fixture <folder> [TRAIN TEST] class-aware CIFAR-10 python-format fixture
 """
 
@@ -481,6 +671,18 @@ def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "tiny-sd":
         folder = build_tiny_random_sd_pipeline(argv[1])
         print(f"tiny random-weight Stable Diffusion pipeline written to {folder}")
+        return 0
+    if len(argv) == 2 and argv[0] == "tiny-sd-inpaint":
+        folder = build_tiny_random_sd_inpaint_pipeline(argv[1])
+        print(f"tiny random-weight Stable Diffusion inpainting pipeline written to {folder}")
+        return 0
+    if len(argv) == 2 and argv[0] == "tiny-kandinsky":
+        prior, decoder = build_tiny_random_kandinsky(argv[1])
+        print(f"tiny random-weight Kandinsky 2.2 prior written to {prior}, its decoder to {decoder}")
+        return 0
+    if len(argv) == 2 and argv[0] == "tiny-unclip":
+        folder = build_tiny_random_unclip(argv[1])
+        print(f"tiny random-weight UnCLIP pipeline written to {folder}")
         return 0
     if len(argv) in (2, 4) and argv[0] == "cifar10-fixture":
         train, test = (int(argv[2]), int(argv[3])) if len(argv) == 4 else (40, 10)
