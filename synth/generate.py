@@ -107,73 +107,16 @@ def resolve_model(model: str) -> str:
     )
 
 
-class DiffusersGenerator:
-    """A diffusers text-to-image pipeline, loaded once; the whole image path stays on the device."""
+def _diffusers_generator() -> type:
+    from synth.diffusion import DiffusersGenerator
 
-    needs_model = True
-
-    @classmethod
-    def model_name(cls, cfg: GenerateConfig) -> str:
-        return cfg.model
-
-    def __init__(self, cfg: GenerateConfig, classes: Sequence[str]):
-        import torch
-        from diffusers import AutoPipelineForText2Image
-
-        self.cfg = cfg
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        # Half precision only where it is fast and supported; CPU inference stays in float32.
-        dtype = getattr(torch, cfg.dtype) if self.device.type == "cuda" else torch.float32
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.disable_progress_bar()
-        self.pipe = AutoPipelineForText2Image.from_pretrained(cfg.model, dtype=dtype)
-        self.pipe.set_progress_bar_config(disable=True)
-        if getattr(self.pipe, "safety_checker", None) is not None:
-            self.pipe.safety_checker = None  # 32 px classifier data; the checker blacks out images
-        self.pipe.to(self.device)
-        if self.device.type == "cuda":
-            for name in ("unet", "vae", "transformer"):
-                module = getattr(self.pipe, name, None)
-                if module is not None:
-                    module.to(memory_format=torch.channels_last)
-
-    def generate(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int]) -> GeneratedImages:
-        import torch
-        import torch.nn.functional as F
-
-        cfg = self.cfg
-        # One generator per image: an image depends only on its own seed, not on its batch.
-        generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
-        with torch.inference_mode():
-            images = self.pipe(
-                prompt=list(prompts),
-                # Negative prompts only act through classifier-free guidance (scale > 1).
-                negative_prompt=list(negatives) if cfg.guidance_scale > 1.0 else None,
-                num_inference_steps=cfg.steps,
-                guidance_scale=cfg.guidance_scale,
-                height=cfg.height,
-                width=cfg.width,
-                generator=generators,
-                output_type="pt",
-            ).images  # (B, 3, H, W) in [0, 1], on the device
-            images = images.float().clamp_(0, 1)
-            small = F.interpolate(images, size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True)
-            small_u8 = _to_uint8_hwc(small)
-            full_u8 = _to_uint8_hwc(images) if cfg.keep_full_resolution else None
-        return GeneratedImages(small=small_u8, full=full_u8)
-
-
-def _to_uint8_hwc(x) -> np.ndarray:
-    import torch
-
-    # (B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8, converted on the device
-    return (x * 255).round_().to(dtype=torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return DiffusersGenerator
 
 
 # One entry per kind of generator; the names must match synth.config.GENERATOR_NAMES, which
 # validates generate.generator without importing this module.
-GENERATORS: dict[str, type[Generator]] = {"diffusers": DiffusersGenerator}
+# A zero-argument loader keeps diffusers and torch out of the driver until a stage needs them.
+GENERATORS: dict[str, Callable[[], type]] = {"diffusers": _diffusers_generator}
 
 
 def generator_class(spec: str) -> type[Generator]:

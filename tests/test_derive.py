@@ -217,3 +217,30 @@ def test_killed_derive_driver_then_rerun_leaves_each_child_once(tmp_path, fault_
     assert len(ids) == len(set(ids)) == len(images) == 96
     parents = set(storage.read_parquet(layout.generate_manifest, columns=["id"]).column("id").to_pylist())
     assert all(r["parents"][0] in parents and r["id"] == f"{r['parents'][0]}-v{r['id'][-1]}" for r in manifest)
+
+
+def test_real_pipelines_through_the_stages(tmp_path, tiny_sd, ray_local):
+    """Random-weight Kandinsky 2.2 prior + decoder and SD inpainting (9-channel UNet) through Ray."""
+    from synth.derive import run_derive
+    from synth.generate import run_generate
+    from synth.testkit import build_tiny_random_kandinsky, build_tiny_random_sd_inpaint_pipeline
+
+    prior, decoder = build_tiny_random_kandinsky(tmp_path / "kandinsky")
+    inpaint = build_tiny_random_sd_inpaint_pipeline(tmp_path / "inpaint")
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [
+        f"storage.root={tmp_path / 'out'}", "run=k", "prompts.per_class=2", "prompts.classes=[cat,dog]",
+        f"generate.model={decoder}", f"generate.prior={prior}", "generate.steps=2", "generate.shard_size=4",
+        "derive.variations.count=1", "derive.variations.method=embedding", "derive.fusion.per_class=1",
+        "derive.inpainting.count=1", f"derive.inpainting.model={inpaint}",
+    ])  # fmt: skip
+    generated = run_generate(cfg)
+    assert generated["plan"]["model"] == f"{prior} -> {decoder}"
+    storage = Storage(str(tmp_path / "out"))
+    manifest = storage.read_parquet(Layout("k").generate_manifest).to_pylist()
+    assert {r["model"] for r in manifest} == {f"{prior} -> {decoder}"}, "the manifest records both models"
+    derived = run_derive(cfg)
+    assert derived["images_per_technique"] == {"fusion": 2, "inpainting": 4, "variation": 4}
+    rows, images = read_stage(storage, "k", "derive")
+    assert len(images) == 10 and all(decode_png(png).shape == (32, 32, 3) for png in images.values())
+    assert all(set(r["parents"]) <= {m["id"] for m in manifest} for r in rows)
+    assert {r["model"] for r in rows} == {derived["plan"]["model"]} and str(inpaint) in derived["plan"]["model"]

@@ -197,9 +197,14 @@ def test_full_resolution_images_are_kept_when_asked(tmp_path, ray_local):
 
 
 def test_registry_matches_the_names_the_config_accepts():
-    assert set(GENERATORS) == set(GENERATOR_NAMES)
-    for cls in GENERATORS.values():
+    from synth.derive import DERIVERS, deriver_class
+
+    assert set(GENERATORS) == set(GENERATOR_NAMES) == set(DERIVERS)
+    for name in GENERATORS:
+        cls = generator_class(name)
         assert isinstance(cls.needs_model, bool) and callable(cls.model_name) and callable(cls.generate)
+        cls = deriver_class(name)
+        assert isinstance(cls.needs_model, bool) and callable(cls.model_name) and callable(cls.derive)
 
 
 def test_generate_imports_no_test_double():
