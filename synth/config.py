@@ -122,6 +122,9 @@ class PromptsConfig:
 
 @dataclass
 class GenerateConfig:
+    # false: no text-to-image; the synthetic images come from the derive stage alone (e.g.
+    # variations of your own photos), and the pipeline skips the prompts and generate stages.
+    enabled: bool = True
     # A registered name ("diffusers": a text-to-image pipeline loaded with from_pretrained) or
     # a class as "package.module:ClassName" implementing synth.generate's Generator protocol
     # (importable on the driver and every Ray worker).
@@ -690,6 +693,11 @@ def validate(cfg: Config) -> None:
 
 
 VARIATION_METHODS = ("img2img", "embedding")
+
+
+def derive_enabled(d: DeriveConfig) -> bool:
+    """Whether the config asks the derive stage for any image."""
+    return d.variations.count > 0 or d.fusion.per_class > 0 or d.inpainting.count > 0
 MASKS = ("border", "box", "center")
 
 
@@ -707,6 +715,13 @@ def _validate_derive(cfg: Config) -> None:
     _require(bool(d.model.strip()), "derive.model", d.model, "give a Hugging Face model id or a local folder")
     _require(d.prior is None or bool(d.prior.strip()), "derive.prior", d.prior, "give a model id or folder, or null")
     _require(bool(d.parents.strip()), "derive.parents", d.parents, "give generate or a folder <folder>/<class>/*.png (local or s3://)")
+    _require(
+        d.parents != "generate" or cfg.generate.enabled or not derive_enabled(d),
+        "derive.parents",
+        d.parents,
+        "the generate stage is off (generate.enabled=false), so there are no generated parents; give a folder of "
+        "your own photos (derive.parents=<folder>) or set generate.enabled=true",
+    )
     _require(
         d.parents_per_class is None or d.parents_per_class >= 1,
         "derive.parents_per_class",

@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from synth.config import Config, ConfigError, DeriveConfig, GenerateConfig, class_slug
+from synth.config import Config, ConfigError, DeriveConfig, GenerateConfig, derive_enabled, class_slug
 from synth.images import GeneratedImages, decode_png, encode_png
 from synth.imagejob import ImageJob, cut_shards, import_class, run_image_job
 from synth.progress import plural, say
@@ -109,11 +109,6 @@ def deriver_class(spec: str) -> type:
         "needs_model, model_name(cfg) and derive(rows, parents), constructed as Class(derive_cfg, generate_cfg, classes) "
         "(see synth.derive.Deriver)",
     )  # fmt: skip
-
-
-def enabled(cfg: DeriveConfig) -> bool:
-    """Whether the config asks for any image made from parents."""
-    return cfg.variations.count > 0 or cfg.fusion.per_class > 0 or cfg.inpainting.count > 0
 
 
 def child_seed(run: str, child_id: str) -> int:
@@ -431,7 +426,7 @@ def run_derive(cfg: Config, storage: Optional[Storage] = None) -> dict:
     storage = storage or Storage.from_config(cfg.storage)
     layout = Layout(cfg.run)
     d = cfg.derive
-    if not enabled(d):
+    if not derive_enabled(d):
         raise ConfigError(
             "the derive stage has nothing to make: derive.variations.count, derive.fusion.per_class and "
             "derive.inpainting.count are all 0. Fix: set one, e.g. derive.variations.count=4"

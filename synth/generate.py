@@ -196,6 +196,8 @@ def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
 
     start = time.perf_counter()
     storage = storage or Storage.from_config(cfg.storage)
+    if not cfg.generate.enabled:
+        raise ConfigError("generate.enabled=false: this config makes no text-to-image images. Fix: set generate.enabled=true")
 
     # 1. Fail fast on anything that would waste a cluster: generator, storage, model, plan.
     generator = generator_class(cfg.generate.generator)  # imports a module:Class path, here on the driver

@@ -1,6 +1,7 @@
 """The whole chain: prompts -> generate -> [derive] -> dataset -> train -> tune -> report, each stage resumable.
 
-derive (variations, fusion, inpainting of parent images) runs when the config asks for any.
+derive (variations, fusion, inpainting of parent images) runs when the config asks for any;
+prompts and generate are skipped with generate.enabled=false (images from your own photos only).
 
 Every stage reads what the one before wrote to storage, so this is only their sequence; a rerun
 skips finished work stage by stage (generate by shard, train by (experiment, seed), tune by trial).
@@ -11,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from synth.config import Config
+from synth.config import Config, derive_enabled
 from synth.progress import say
 from synth.storage import Storage
 
@@ -19,7 +20,7 @@ from synth.storage import Storage
 
 def run_pipeline(cfg: Config, storage: Optional[Storage] = None) -> dict:
     from synth.dataset import run_dataset
-    from synth.derive import enabled, run_derive
+    from synth.derive import run_derive
     from synth.generate import run_generate
     from synth.prompts import run_prompts
     from synth.report import run_report
@@ -28,8 +29,8 @@ def run_pipeline(cfg: Config, storage: Optional[Storage] = None) -> dict:
 
     storage = storage or Storage.from_config(cfg.storage)
     storage.check_writable()
-    stages = [("prompts", run_prompts), ("generate", run_generate)]
-    stages += [("derive", run_derive)] if enabled(cfg.derive) else []
+    stages = [("prompts", run_prompts), ("generate", run_generate)] if cfg.generate.enabled else []
+    stages += [("derive", run_derive)] if derive_enabled(cfg.derive) else []
     stages += [("dataset", run_dataset), ("train", run_train), ("tune", run_tune), ("report", run_report)]
     say("pipeline", f"run {cfg.run!r}: {' -> '.join(name for name, _ in stages)}, into {storage.uri(cfg.run)}")
     summaries: dict[str, dict] = {}

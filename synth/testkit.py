@@ -664,6 +664,7 @@ USAGE = """usage:
   python -m synth.testkit tiny-kandinsky <folder>              ... Kandinsky 2.2 prior + decoder (<folder>/prior, <folder>/decoder)
   python -m synth.testkit tiny-unclip <folder>                 ... UnCLIP (Karlo's architecture)
   python -m synth.testkit cifar10-fixture <folder> [TRAIN TEST] class-aware CIFAR-10 python-format fixture
+  python -m synth.testkit photo-folder <folder> CLASS [CLASS ...]  class-aware stand-in photos: <folder>/{train,test}/<class>/
 """
 
 
@@ -683,6 +684,11 @@ def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "tiny-unclip":
         folder = build_tiny_random_unclip(argv[1])
         print(f"tiny random-weight UnCLIP pipeline written to {folder}")
+        return 0
+    if len(argv) >= 3 and argv[0] == "photo-folder":
+        folder = write_image_folder_fixture(argv[1], argv[2:], per_class=6, splits=("train",), size=64)
+        write_image_folder_fixture(argv[1], argv[2:], per_class=4, splits=("test",), size=64, seed=1)
+        print(f"class-aware stand-in photos (6 train / 4 test per class of {', '.join(argv[2:])}) written to {folder}")
         return 0
     if len(argv) in (2, 4) and argv[0] == "cifar10-fixture":
         train, test = (int(argv[2]), int(argv[3])) if len(argv) == 4 else (40, 10)

@@ -244,3 +244,35 @@ def test_real_pipelines_through_the_stages(tmp_path, tiny_sd, ray_local):
     assert len(images) == 10 and all(decode_png(png).shape == (32, 32, 3) for png in images.values())
     assert all(set(r["parents"]) <= {m["id"] for m in manifest} for r in rows)
     assert {r["model"] for r in rows} == {derived["plan"]["model"]} and str(inpaint) in derived["plan"]["model"]
+
+
+@pytest.mark.slow
+def test_worked_example_two_classes_of_your_own_from_a_handful_of_photos(tmp_path):
+    """The README's worked example, as written (relative paths, from the folder the photos are in),
+    with the class-aware deriver standing in for SD-Turbo and a CPU-sized network."""
+    import json
+
+    run = lambda *cmd: subprocess.run([sys.executable, "-m", *cmd], cwd=tmp_path, capture_output=True, text=True, timeout=600)  # noqa: E731
+    made = run("synth.testkit", "photo-folder", "photos", "oil painting", "pencil drawing")
+    assert made.returncode == 0, made.stderr
+    done = run("ray_jobs.pipeline", str(REPO / "configs" / "photos.yaml"), f"derive.generator={DERIVER}",
+               "generate.height=64", "generate.width=64", "train.width=0.25", "train.steps=40", "train.seeds=[0]",
+               "tune.seeds=[0]", "train.eval_batch_size=256")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[pipeline] run 'photos': derive -> dataset -> train -> tune -> report" in done.stdout
+    out = tmp_path / "outputs" / "photos"
+    assert json.loads(done.stdout[done.stdout.index("{"):])["report"] == str(out / "report" / "report.html")
+    derive = json.loads((out / "derive" / "summary.json").read_text())
+    assert derive["parents_per_class"] == {"oil painting": 6, "pencil drawing": 6} and derive["images_total"] == 1200
+    # Children of the training photos only: the held-out photos are never parents, and no
+    # photo's children are split between synthetic train, val and test.
+    storage = Storage(str(tmp_path / "outputs"))
+    parents = storage.read_parquet(Layout("photos").derive_parents, columns=["source"]).column("source").to_pylist()
+    assert all("/photos/train/" in p for p in parents)
+    manifest = {r["id"]: r["parents"][0] for r in storage.read_parquet(Layout("photos").manifest("derive"), columns=["id", "parents"]).to_pylist()}
+    split_of_group: dict[str, str] = {}
+    for split in ("train", "val", "test"):
+        for image_id in storage.read_parquet(Layout("photos").dataset_split("synthetic", split), columns=["id"]).column("id").to_pylist():
+            assert split_of_group.setdefault(manifest[image_id], split) == split, f"{manifest[image_id]}'s children span splits"
+    metrics = json.loads((out / "train" / "train-synthetic" / "seed-0" / "metrics.json").read_text())
+    assert metrics["test"]["real"]["accuracy"] >= 0.75, "children of the right photos teach the right classes"

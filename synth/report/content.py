@@ -200,7 +200,7 @@ def data_blocks(agg: dict, inputs: Inputs, plots: dict[str, bytes]) -> list:
             )  # fmt: skip
     if inputs.dataset_counts:
         blocks += [Heading(2, "Dataset composition"), _composition_table(agg["classes"], inputs.dataset_counts)]
-    for stage in ("prompts", "generate", "curate", "dataset"):
+    for stage in ("prompts", "generate", "derive", "curate", "dataset"):
         summary = inputs.summaries.get(stage)
         if summary:
             blocks.append(Heading(2, f"{stage} stage summary"))

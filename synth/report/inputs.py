@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 # Earlier stages whose config.yaml / summary.json the report quotes, in pipeline order.
-PROVENANCE_STAGES = ("prompts", "generate", "curate", "dataset", "train", "tune")
+PROVENANCE_STAGES = ("prompts", "generate", "derive", "curate", "dataset", "train", "tune")
 # Sample grids: images per class, and the split they come from. val is a random slice of the
 # training pool, so it shows what the models learn from at a fraction of the read.
 SAMPLES_PER_CLASS = 8
