@@ -156,6 +156,24 @@ def test_a_folder_of_your_own_photos_as_parents(tmp_path, ray_local):
         assert r["prompt"] == f"a photo of a {r['class_name']}"
 
 
+def test_photo_parents_from_s3(tmp_path, s3_server):
+    from conftest import make_bucket
+
+    photos = _photo_folder(tmp_path / "photos", {"cat": 2, "dog": 1})
+    make_bucket(s3_server, "photos")
+    bucket = Storage("s3://photos/mine", s3_endpoint_url=s3_server)
+    for path in sorted(photos.rglob("*.*")):
+        bucket.write_bytes(str(path.relative_to(photos)), path.read_bytes())
+    bucket.write_bytes("cat/broken.jpg", b"nope")
+    cfg = config(tmp_path, "prompts.classes=[cat,dog]", "derive.parents=s3://photos/mine", f"storage.s3_endpoint_url={s3_server}")
+    scan = folder_parents(cfg, cfg.storage)
+    assert scan.table.column("id").to_pylist() == ["cat-img-0-jpg", "cat-img-1-png", "dog-img-0-jpg"]
+    assert scan.skipped == {"cat": ["s3://photos/mine/cat/broken.jpg"]}
+    assert scan.table.column("source").to_pylist()[0] == "s3://photos/mine/cat/img 0.jpg"
+    first = decode_png(scan.table.column("image")[0].as_py())
+    assert first.shape == (48, 48, 3)  # photos at most the render size keep their own size
+
+
 def test_bad_parents_and_settings_are_refused_with_the_fix(tmp_path):
     from synth.derive import run_derive
 
