@@ -39,6 +39,7 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, ClassVar, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
@@ -183,6 +184,8 @@ def folder_parents(cfg: Config, storage_cfg) -> ParentScan:
             files.append((key, label, name))
         else:
             ignored.append(key)
+    if not files and "://" not in folder and not Path(folder).expanduser().is_dir():
+        raise ConfigError(f"derive.parents={folder!r} is not a folder. Fix: give <folder> holding <folder>/<class>/*.png|jpg, or generate")
     if not files:
         raise ConfigError(
             f"derive.parents={folder!r} holds no images in class folders (expected <folder>/<class>/*.png|jpg|jpeg with "
