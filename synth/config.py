@@ -26,6 +26,8 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import GrammarParseError, InterpolationResolutionError, OmegaConfBaseException
 
+from synth.images import MASKS
+
 CIFAR10_ANIMALS = ["bird", "cat", "deer", "dog", "frog", "horse"]
 
 
@@ -564,6 +566,16 @@ def _require(ok: bool, key: str, value: Any, fix: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: {fix}")
 
 
+def _require_generator(key: str, value: str, example: str) -> None:
+    _require(
+        value in GENERATOR_NAMES or bool(GENERATOR_PATH.match(value)),
+        key,
+        value,
+        f"choose a registered generator ({', '.join(GENERATOR_NAMES)}) or give a class as package.module:ClassName "
+        f"(e.g. {example}, the tests' class-aware one)",
+    )
+
+
 def class_slug(name: str) -> str:
     """The id-safe form of a class name: 'oil painting' -> 'oil-painting'."""
     return re.sub(r"[^a-z0-9]+", "-", name.strip().lower()).strip("-")
@@ -610,13 +622,7 @@ def validate(cfg: Config) -> None:
     )
 
     g = cfg.generate
-    _require(
-        g.generator in GENERATOR_NAMES or bool(GENERATOR_PATH.match(g.generator)),
-        "generate.generator",
-        g.generator,
-        f"choose a registered generator ({', '.join(GENERATOR_NAMES)}) or give a class as package.module:ClassName "
-        "(e.g. synth.testkit:ClassAwareTestGenerator, the tests' class-aware one)",
-    )
+    _require_generator("generate.generator", g.generator, "synth.testkit:ClassAwareTestGenerator")
     _require(bool(g.model.strip()), "generate.model", g.model, "give a Hugging Face model id or a local folder")
     _require(1 <= g.steps <= 1000, "generate.steps", g.steps, "must be in [1, 1000]")
     _require(0.0 <= g.guidance_scale <= 50.0, "generate.guidance_scale", g.guidance_scale, "must be in [0, 50]")
@@ -698,20 +704,13 @@ VARIATION_METHODS = ("img2img", "embedding")
 def derive_enabled(d: DeriveConfig) -> bool:
     """Whether the config asks the derive stage for any image."""
     return d.variations.count > 0 or d.fusion.per_class > 0 or d.inpainting.count > 0
-MASKS = ("border", "box", "center")
 
 
 def _validate_derive(cfg: Config) -> None:
     # Whether the models support the techniques asked for is checked when the stage starts
     # (synth.diffusion.check_models reads their model_index.json), before Ray starts.
     d = cfg.derive
-    _require(
-        d.generator in GENERATOR_NAMES or bool(GENERATOR_PATH.match(d.generator)),
-        "derive.generator",
-        d.generator,
-        f"choose a registered generator ({', '.join(GENERATOR_NAMES)}) or give a class as package.module:ClassName "
-        "(e.g. synth.testkit:ClassAwareTestDeriver, the tests' class-aware one)",
-    )
+    _require_generator("derive.generator", d.generator, "synth.testkit:ClassAwareTestDeriver")
     _require(bool(d.model.strip()), "derive.model", d.model, "give a Hugging Face model id or a local folder")
     _require(d.prior is None or bool(d.prior.strip()), "derive.prior", d.prior, "give a model id or folder, or null")
     _require(bool(d.parents.strip()), "derive.parents", d.parents, "give generate or a folder <folder>/<class>/*.png (local or s3://)")

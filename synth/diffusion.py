@@ -156,7 +156,7 @@ def check_models(cfg: Config) -> None:
     """
     # 1. generate: a single text-to-image pipeline, or a prior + decoder pair.
     g = cfg.generate
-    if g.generator == "diffusers":
+    if g.generator == "diffusers" and g.enabled:
         model_cls = pipeline_class_name(g.model, key="generate.model")
         if g.prior or model_cls in PRIOR_CLASSES + DECODER_CLASSES:
             _check_pair("generate.prior", g.prior, "generate.model", g.model, model_cls)

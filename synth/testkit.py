@@ -54,6 +54,20 @@ def build_tiny_clip_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
 
 
+def _clip_text_config(tokenizer, **sizes):
+    """A CLIP text config for ``tokenizer`` (its vocabulary, special tokens, 77 positions) with ``sizes``."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **sizes,
+    )
+
+
 def _save_random_sd_pipeline(out: Path, unet, vae, text_config: dict, dtype=None, pipeline_class=None) -> Path:
     """Assemble a Stable Diffusion pipeline around ``unet`` and ``vae`` (SD-Turbo's scheduler,
     the byte-level tokenizer, a random CLIP text encoder from ``text_config``) and save it.
@@ -61,20 +75,11 @@ def _save_random_sd_pipeline(out: Path, unet, vae, text_config: dict, dtype=None
     ``pipeline_class`` (default ``StableDiffusionPipeline``) is what ``model_index.json`` records,
     e.g. ``StableDiffusionInpaintPipeline`` around a 9-channel UNet."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tiny_clip_tokenizer(Path(tmp))
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                **text_config,
-            )
-        )
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer, **text_config))
         scheduler = EulerDiscreteScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing", steps_offset=1
         )
@@ -180,22 +185,12 @@ def build_tiny_random_sd_inpaint_pipeline(out: str | Path, seed: int = 0) -> Pat
 
 
 def _tiny_clip_text_encoder(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
     return CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=_EMBED,
-            projection_dim=_EMBED,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-        )
-    )
+        _clip_text_config(tokenizer, hidden_size=_EMBED, projection_dim=_EMBED, intermediate_size=37,
+                          num_attention_heads=4, num_hidden_layers=2)
+    )  # fmt: skip
 
 
 def _tiny_prior_transformer():

@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import json
 import os
 import tempfile
 import time
@@ -279,6 +280,28 @@ def _trial_name(trial) -> str:
     return trial_tag(float(trial.config["ratio"]), int(trial.config["seed"]))
 
 
+def _state_readable(path: str, filesystem) -> bool:
+    """Whether Tune's newest experiment state under ``path`` parses. A driver killed while Tune
+    wrote it leaves an empty or cut file, from which ``Tuner.restore`` cannot rebuild the trials;
+    a new Tuner then runs the sweep instead (trials with a record replay it, the rest train)."""
+    import pyarrow.fs as pafs
+
+    if filesystem is None:
+        filesystem, path = pafs.FileSystem.from_uri(path)
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(path))
+        states = sorted(i.path for i in infos if i.base_name.startswith("experiment_state") and i.base_name.endswith(".json"))
+        if not states:
+            return True  # nothing to judge: leave it to Tune
+        with filesystem.open_input_stream(states[-1]) as f:
+            json.loads(f.readall())
+        return True
+    except (OSError, ValueError) as exc:
+        say(STAGE, f"the sweep's saved state under {path} is unreadable ({type(exc).__name__}: a driver was killed while "
+            "writing it); starting the sweep anew: finished trials replay their records, the others train")  # fmt: skip
+        return False
+
+
 def make_tuner(cfg: Config, storage: Storage, trainable, concurrency: int, callbacks: Optional[list] = None, restore: bool = True):
     """The sweep's ``Tuner``: restored when its experiment folder exists (and ``restore``), else new; returns (tuner, restored)."""
     from ray import tune
@@ -291,7 +314,7 @@ def make_tuner(cfg: Config, storage: Storage, trainable, concurrency: int, callb
     path = f"{storage_path.rstrip('/')}/{experiment}"  # a local path, s3://..., or bucket/... with a filesystem
     # A killed driver left the experiment's state behind: continue it. Finished trials keep
     # their results; unfinished ones restart from their last checkpoint; errored ones retry.
-    if restore and tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+    if restore and tune.Tuner.can_restore(path, storage_filesystem=filesystem) and _state_readable(path, filesystem):
         log.info("tune: restoring %s", path)
         # A restored Tuner keeps its stored RunConfig; progress callbacks are not part of it.
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem), True

@@ -455,3 +455,15 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(root, real_fixture
     assert sorted(p.name for p in experiment_dir.iterdir() if p.is_dir()) == [
         "ratio-0-seed-0", "ratio-0.5-seed-0", "ratio-1-seed-0"
     ]  # fmt: skip
+
+
+def test_a_cut_experiment_state_starts_the_sweep_anew(tmp_path, capsys):
+    """A driver killed while Tune wrote its experiment state leaves an empty file that Tuner.restore
+    cannot rebuild trials from: the sweep is started anew (finished trials replay their records)."""
+    from synth.tune import _state_readable
+
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": []}')
+    assert _state_readable(str(tmp_path), None)
+    (tmp_path / "experiment_state-2026-01-02_00-00-00.json").write_text("")  # the newest, cut to nothing
+    assert not _state_readable(str(tmp_path), None)
+    assert "unreadable" in capsys.readouterr().out
