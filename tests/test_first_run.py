@@ -21,7 +21,7 @@ import pytest
 
 from conftest import REPO
 
-STAGE_TAGS = ("[pipeline]", "[prompts]", "[generate]", "[dataset]", "[train]", "[tune]", "[report]")
+STAGE_TAGS = ("[pipeline]", "[prompts]", "[generate]", "[derive]", "[dataset]", "[train]", "[tune]", "[report]")
 # Lines Ray prints from its internals when its output is not kept in its own logs.
 RAY_INTERNALS = re.compile(
     r"PlacementGroupCleaner|Failed to query Ray Train Controller|Checkpoint successfully created|Reporting training result"
@@ -94,8 +94,9 @@ def test_readme_first_command_from_a_fresh_directory(tmp_path):
 def test_every_stage_job_alone_keeps_a_relative_root(tmp_path):
     """Each stage as its own job, in order, with storage.root=runs/here (relative, not the default)."""
     work = fresh_directory(tmp_path)
-    args = ["configs/smoke.yaml", "storage.root=runs/here", "generate.generator=synth.testkit:ClassAwareTestGenerator"]
-    for stage in ("prompts", "generate", "dataset", "train", "tune", "report"):
+    args = ["configs/smoke.yaml", "storage.root=runs/here", "generate.generator=synth.testkit:ClassAwareTestGenerator",
+            "derive.generator=synth.testkit:ClassAwareTestDeriver"]  # fmt: skip
+    for stage in ("prompts", "generate", "derive", "dataset", "train", "tune", "report"):
         result = run_job(work, f"ray_jobs.{stage}", *args)
         out = (result.stdout + result.stderr).splitlines()
         assert result.returncode == 0, (stage, "\n".join(out[-40:]))
@@ -103,7 +104,7 @@ def test_every_stage_job_alone_keeps_a_relative_root(tmp_path):
         assert not [line for line in out if RAY_INTERNALS.search(line)], (stage, "\n".join(out))
     root = work / "runs" / "here"
     assert sorted(p.name for p in work.iterdir()) == [".cache", "configs", "runs"]
-    assert sorted(p.name for p in (root / "smoke").iterdir()) == ["dataset", "generate", "prompts", "report", "train", "tune"]
+    assert sorted(p.name for p in (root / "smoke").iterdir()) == ["dataset", "derive", "generate", "prompts", "report", "train", "tune"]
     check_tune_results(root)
     for experiment in ("train-real", "train-synthetic", "train-mixture"):
         assert (root / "smoke" / "train" / experiment / "seed-0" / "metrics.json").is_file()

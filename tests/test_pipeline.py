@@ -23,6 +23,7 @@ def test_class_aware_chain_transfers_from_synthetic_to_real(tmp_path, ray_local)
             f"storage.root={tmp_path / 'out'}",
             f"dataset.real_path={real}",
             "generate.generator=synth.testkit:ClassAwareTestGenerator",
+            "derive.generator=synth.testkit:ClassAwareTestDeriver",  # children keep their parents' classes
             "train.experiments=[synthetic,real]",
             "train.test_domains=[real,synthetic]",
         ],
@@ -51,7 +52,7 @@ def test_class_aware_chain_transfers_from_synthetic_to_real(tmp_path, ray_local)
 
     clean = run_verify(cfg, storage)
     ran = {stage for stage, s in clean["stages"].items() if s["ran"]}
-    assert clean["problems"] == 0 and ran == {"prompts", "generate", "dataset", "train", "tune"}, clean["stages"]  # no derive asked for
+    assert clean["problems"] == 0 and ran == {"prompts", "generate", "derive", "dataset", "train", "tune"}, clean["stages"]
     layout, out = Layout("smoke"), tmp_path / "out"
     (out / layout.dataset_split("synthetic", "test")).write_bytes(b"not parquet")
     (out / layout.train_metrics("train-real", 0)).write_text("{ truncated")
