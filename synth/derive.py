@@ -245,6 +245,10 @@ def generated_parents(cfg: Config, storage: Storage) -> ParentScan:
     rows = [r for r in manifest.select(["id", "class_name", "prompt", "shard"]).to_pylist() if class_slug(r["class_name"]) in ours]
     images: dict[str, tuple[str, bytes]] = {}
     max_side = max(cfg.generate.height, cfg.generate.width)
+    if not full and rows:
+        say("derive", f"the parents are the generate stage's {cfg.generate.image_size} px images (it kept no full-size "
+            "copies): children are made from them upscaled. For sharper children, generate with "
+            "generate.keep_full_resolution=true")  # fmt: skip
     if full:
         def load(r):
             key = layout.generate_full_image(class_slug(r["class_name"]), r["id"])
