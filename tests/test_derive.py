@@ -22,12 +22,14 @@ from synth.testkit import ClassAwareTestDeriver, class_pattern_image
 CLASS_AWARE = "synth.testkit:ClassAwareTestGenerator"
 DERIVER = "synth.testkit:ClassAwareTestDeriver"
 SLOW_DERIVER = "synth.testkit:SlowClassAwareTestDeriver"
+# The smoke preset derives a variation and an edit of 4 parents per class; each test asks for its own.
+NO_DERIVE = ["derive.variations.count=0", "derive.inpainting.count=0", "derive.fusion.per_class=0", "derive.parents_per_class=null"]
 
 
 def config(root, *extra, run="d"):
     return load_config(
         REPO / "configs" / "smoke.yaml",
-        [f"storage.root={root}", f"run={run}", f"generate.generator={CLASS_AWARE}", f"derive.generator={DERIVER}", *extra],
+        [f"storage.root={root}", f"run={run}", f"generate.generator={CLASS_AWARE}", f"derive.generator={DERIVER}", *NO_DERIVE, *extra],
     )
 
 
@@ -205,7 +207,7 @@ def test_killed_derive_driver_then_rerun_leaves_each_child_once(tmp_path, fault_
     from synth.generate import run_generate
 
     args = [f"storage.root={tmp_path}", "run=d", f"generate.generator={CLASS_AWARE}", f"derive.generator={SLOW_DERIVER}",
-            "prompts.per_class=4", "derive.variations.count=4", "generate.shard_size=4"]  # fmt: skip
+            *NO_DERIVE, "prompts.per_class=4", "derive.variations.count=4", "generate.shard_size=4"]  # fmt: skip
     cfg = load_config(REPO / "configs" / "smoke.yaml", args)
     storage, layout = Storage(str(tmp_path)), Layout("d")
     import ray
@@ -246,7 +248,7 @@ def test_real_pipelines_through_the_stages(tmp_path, tiny_sd, ray_local):
     prior, decoder = build_tiny_random_kandinsky(tmp_path / "kandinsky")
     inpaint = build_tiny_random_sd_inpaint_pipeline(tmp_path / "inpaint")
     cfg = load_config(REPO / "configs" / "smoke.yaml", [
-        f"storage.root={tmp_path / 'out'}", "run=k", "prompts.per_class=2", "prompts.classes=[cat,dog]",
+        *NO_DERIVE, f"storage.root={tmp_path / 'out'}", "run=k", "prompts.per_class=2", "prompts.classes=[cat,dog]",
         f"generate.model={decoder}", f"generate.prior={prior}", "generate.steps=2", "generate.shard_size=4",
         "derive.variations.count=1", "derive.variations.method=embedding", "derive.fusion.per_class=1",
         "derive.inpainting.count=1", f"derive.inpainting.model={inpaint}",

@@ -247,8 +247,12 @@ def test_inpainting_shares_the_img2img_pipeline_when_the_model_is_the_same(model
 # --------------------------------------------------------------------------------------------
 
 
+# The smoke preset derives a variation and an edit; each case here switches on only what it names.
+NO_DERIVE = ("derive.variations.count=0", "derive.inpainting.count=0", "derive.fusion.per_class=0")
+
+
 def config(tmp_path, *overrides):
-    return load_config(REPO / "configs" / "smoke.yaml", [f"storage.root={tmp_path}", "run=t", *overrides])
+    return load_config(REPO / "configs" / "smoke.yaml", [f"storage.root={tmp_path}", "run=t", *NO_DERIVE, *overrides])
 
 
 def test_check_models_accepts_working_combinations(models, tmp_path):
