@@ -771,7 +771,8 @@ def _validate_derive(cfg: Config) -> None:
 REAL_SOURCES = ("cifar10", "folder")
 DATASET_DOMAINS = ("real", "synthetic")
 # How a synthetic image was made: text-to-image (the generate stage), then from parent images (derive).
-TECHNIQUES = ("template", "adversarial", "variation", "fusion", "inpainting")
+DERIVE_TECHNIQUES = ("variation", "fusion", "inpainting")
+TECHNIQUES = ("template", "adversarial", *DERIVE_TECHNIQUES)
 
 
 def _validate_dataset(cfg: Config) -> None:

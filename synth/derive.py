@@ -50,12 +50,12 @@ from synth.config import Config, ConfigError, DeriveConfig, GenerateConfig, deri
 from synth.images import GeneratedImages, decode_png, encode_png
 from synth.imagejob import ImageJob, cut_shards, import_class, run_image_job
 from synth.progress import plural, say
+from synth.prompts import derive_seed
 from synth.shards import META_PLAN, check_shard
 from synth.storage import Layout, Storage, parquet_bytes
 
 log = logging.getLogger(__name__)
 
-TECHNIQUES = ("variation", "fusion", "inpainting")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 PARENT_SCHEMA = pa.schema(
     [
@@ -113,9 +113,9 @@ def deriver_class(spec: str) -> type:
 
 
 def child_seed(run: str, child_id: str) -> int:
-    """A 63-bit seed that depends only on the run and the child's id (which names its parent and k)."""
-    digest = hashlib.sha256(f"{run}\x1fderive\x1f{child_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    """A 63-bit seed that depends only on the run and the child's id (which names its parent and k):
+    the prompt table's seed function, with ``derive`` in the place of a class."""
+    return derive_seed(run, "derive", child_id)
 
 
 def _rng(run: str, *context: object) -> random.Random:
@@ -224,7 +224,7 @@ def folder_parents(cfg: Config, storage_cfg) -> ParentScan:
             f"derive.parents={folder!r}: none of its {plural(len(files), 'image file')} could be read as an image "
             f"(e.g. {next(iter(skipped.values()))[0]}). Fix: give PNG or JPEG photos"
         )
-    table = pa.table(columns, schema=PARENT_SCHEMA).sort_by("id")
+    table = choose_parents(pa.table(columns, schema=PARENT_SCHEMA).sort_by("id"), cfg)  # among the readable ones
     return ParentScan(table, dict(skipped), ignored)
 
 
@@ -243,6 +243,9 @@ def generated_parents(cfg: Config, storage: Storage) -> ParentScan:
     full = bool(plan_json.get("keep_full_resolution"))
     ours = {class_slug(c): label for label, c in enumerate(cfg.prompts.classes)}
     rows = [r for r in manifest.select(["id", "class_name", "prompt", "shard"]).to_pylist() if class_slug(r["class_name"]) in ours]
+    # The seeded choice first, so only the chosen parents' images are read.
+    chosen = _chosen_ids(_ids_by_class(rows), cfg)
+    rows = [r for r in rows if chosen is None or r["id"] in chosen]
     images: dict[str, tuple[str, bytes]] = {}
     max_side = max(cfg.generate.height, cfg.generate.width)
     if not full and rows:
@@ -283,29 +286,34 @@ def generated_parents(cfg: Config, storage: Storage) -> ParentScan:
 
 def choose_parents(table: pa.Table, cfg: Config) -> pa.Table:
     """At most ``derive.parents_per_class`` parents per class, a seeded choice (all when None)."""
+    chosen = _chosen_ids(_ids_by_class(table.select(["id", "class_name"]).to_pylist()), cfg)
+    return table if chosen is None else table.filter(pc.is_in(table.column("id"), value_set=pa.array(sorted(chosen))))
+
+
+def _chosen_ids(ids_by_class: dict[str, list[str]], cfg: Config) -> Optional[set[str]]:
+    """The ids :func:`choose_parents` keeps, or None for all of them."""
     n = cfg.derive.parents_per_class
     if n is None:
-        return table
-    keep: list[str] = []
-    for class_name, ids in _ids_by_class(table).items():
+        return None
+    keep: set[str] = set()
+    for class_name, ids in ids_by_class.items():
         order = sorted(ids)
         _rng(cfg.run, "parents", class_name).shuffle(order)
-        keep += order[:n]
-    mask = pc.is_in(table.column("id"), value_set=pa.array(keep))
-    return table.filter(mask)
+        keep.update(order[:n])
+    return keep
 
 
-def _ids_by_class(table: pa.Table) -> dict[str, list[str]]:
+def _ids_by_class(rows: Sequence[dict]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = defaultdict(list)
-    for pid, class_name in zip(table.column("id").to_pylist(), table.column("class_name").to_pylist()):
-        out[class_name].append(pid)
+    for r in rows:
+        out[r["class_name"]].append(r["id"])
     return dict(out)
 
 
-def claim_parents(storage: Storage, layout: Layout, table: pa.Table) -> None:
-    """Store the parent table once (atomically); a stored one must be the same."""
+def claim_parents(storage: Storage, layout: Layout, table: pa.Table, data: bytes) -> None:
+    """Store the parent table (``data``: its Parquet bytes) once, atomically; a stored one must be the same."""
     key = layout.derive_parents
-    if storage.create(key, parquet_bytes(table)):
+    if storage.create(key, data):
         return
     try:
         same = storage.read_parquet(key).equals(table)
@@ -351,7 +359,7 @@ def child_rows(cfg: Config, parents: pa.Table) -> list[dict]:
     f = d.fusion
     if f.per_class > 0:
         label_of = {p["class_name"]: p["label"] for p in parent_rows}
-        for class_name, ids in sorted(_ids_by_class(parents).items()):
+        for class_name, ids in sorted(_ids_by_class(parent_rows).items()):
             if len(ids) < 2:
                 continue  # counted by the stage: fusion needs two parents
             ids = sorted(ids)
@@ -365,7 +373,14 @@ def child_rows(cfg: Config, parents: pa.Table) -> list[dict]:
     return rows
 
 
-def plan_for(cfg: Config, parents: pa.Table, rows: list[dict], model: str) -> dict:
+def planned(cfg: Config, parents: pa.Table, data: Optional[bytes] = None) -> tuple[list[dict], dict]:
+    """The children of ``parents`` and the plan they are made under (``data``: the table's Parquet
+    bytes, if already made). The stage and verify both plan through here."""
+    rows = child_rows(cfg, parents)
+    return rows, plan_for(cfg, hashlib.sha256(data or parquet_bytes(parents)).hexdigest(), rows)
+
+
+def plan_for(cfg: Config, parents_sha256: str, rows: list[dict]) -> dict:
     """Everything the derived images depend on; a rerun must match it exactly."""
     g, d = cfg.generate, cfg.derive
     digest = hashlib.sha256()
@@ -373,12 +388,12 @@ def plan_for(cfg: Config, parents: pa.Table, rows: list[dict], model: str) -> di
         digest.update(json.dumps([r[k] for k in ("id", "label", "prompt", "negative", "seed", "technique", "parents", "params")],
                                  sort_keys=True).encode())  # fmt: skip
     return {
-        "parents_sha256": hashlib.sha256(parquet_bytes(parents)).hexdigest(),
+        "parents_sha256": parents_sha256,
         "children_sha256": digest.hexdigest(),
         "images": len(rows),
         "shard_size": g.shard_size,
         "generator": d.generator,
-        "model": model,
+        "model": deriver_class(d.generator).model_name(d),
         "guidance_scale": g.guidance_scale,
         "steps": g.steps,
         "height": g.height,
@@ -444,21 +459,19 @@ def run_derive(cfg: Config, storage: Optional[Storage] = None) -> dict:
     storage.check_writable()
     d_resolved = d
     if deriver.needs_model:
-        from synth.generate import resolve_model
+        from synth.diffusion import check_models, resolve_model
 
+        inpaint_model = resolve_model(d.inpainting.model, "derive.inpainting.model") if d.inpainting.model else None
         d_resolved = dataclasses.replace(
             d,
-            model=resolve_model(d.model),
-            prior=resolve_model(d.prior) if d.prior else None,
-            inpainting=dataclasses.replace(d.inpainting, model=resolve_model(d.inpainting.model) if d.inpainting.model else None),
+            model=resolve_model(d.model, "derive.model"),
+            prior=resolve_model(d.prior, "derive.prior") if d.prior else None,
+            inpainting=dataclasses.replace(d.inpainting, model=inpaint_model),
         )
         if d.generator == "diffusers":
-            from synth.diffusion import check_models
-
             check_models(cfg)
-    model = deriver.model_name(d)
     scan = generated_parents(cfg, storage) if d.parents == "generate" else folder_parents(cfg, cfg.storage)
-    parents = choose_parents(scan.table, cfg)
+    parents = scan.table
     for class_name, files in sorted(scan.skipped.items()):
         say("derive", f"{class_name}: skipped {plural(len(files), 'unreadable file')} (e.g. {files[0]})")
     if scan.ignored:
@@ -468,16 +481,16 @@ def run_derive(cfg: Config, storage: Optional[Storage] = None) -> dict:
     without = [c for c in cfg.prompts.classes if per_class_parents.get(c, 0) == 0]
     if without:
         say("derive", f"no parents for {', '.join(map(repr, without))}: nothing is derived for {'it' if len(without) == 1 else 'them'}")
-    rows = child_rows(cfg, parents)
     no_pair = [c for c, n in sorted(per_class_parents.items()) if n < 2] if d.fusion.per_class else []
-    claim_parents(storage, layout, parents)
-    plan = plan_for(cfg, parents, rows, model)
+    data = parquet_bytes(parents)
+    claim_parents(storage, layout, parents, data)
+    rows, plan = planned(cfg, parents, data)
     job = ImageJob(
         stage="derive",
         run=cfg.run,
         shards=cut_shards(rows, cfg.generate.shard_size),
         plan=plan,
-        model=model,
+        model=plan["model"],
         maker=FromParents(d_resolved, cfg.generate, list(cfg.prompts.classes), storage, cfg.run),
         g=cfg.generate,
     )

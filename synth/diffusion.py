@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, ClassVar, Mapping, Optional, Sequence
 
 import numpy as np
 
-from synth.config import Config, ConfigError, DeriveConfig, GenerateConfig
+from synth.config import DERIVE_TECHNIQUES, Config, ConfigError, DeriveConfig, GenerateConfig
 from synth.images import GeneratedImages, inpaint_mask
 
 if TYPE_CHECKING:
@@ -90,6 +90,14 @@ def pipeline_class_name(model: str, *, key: str = "generate.model") -> str:
             "point it at a folder written by DiffusionPipeline.save_pretrained"
         ) from exc
     return str(name)
+
+
+def resolve_model(model: str, key: str) -> str:
+    """Check, before Ray starts, that ``model`` can be loaded (see :func:`pipeline_class_name`);
+    returns a local folder made absolute (actors run in other working directories), an id unchanged."""
+    pipeline_class_name(model, key=key)
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
 
 
 def _auto_task_class(task: str, class_name: str) -> Optional[str]:
@@ -411,7 +419,6 @@ class DiffusersGenerator:
 # Image-conditioned: variations, fusion, inpainting
 # --------------------------------------------------------------------------------------------
 
-TECHNIQUES = ("variation", "fusion", "inpainting")
 # Params each row carries for itself (a fusion's weight, an edit's mask); the rest must match for
 # rows to share a pipeline call.
 PER_ROW_PARAMS = ("weight", "mask")
@@ -471,8 +478,8 @@ class DiffusersDeriver:
 
         groups: dict[tuple[str, str], list[int]] = {}
         for i, row in enumerate(rows):
-            if row["technique"] not in TECHNIQUES:
-                raise ValueError(f"row {row['id']}: unknown technique {row['technique']!r}; expected one of {TECHNIQUES}")
+            if row["technique"] not in DERIVE_TECHNIQUES:
+                raise ValueError(f"row {row['id']}: unknown technique {row['technique']!r}; expected one of {DERIVE_TECHNIQUES}")
             shared = {k: v for k, v in row["params"].items() if k not in PER_ROW_PARAMS}
             groups.setdefault((row["technique"], json.dumps(shared, sort_keys=True)), []).append(i)
         smalls: list[Optional[np.ndarray]] = [None] * len(rows)

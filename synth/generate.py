@@ -16,10 +16,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, ClassVar, Optional, Protocol, Sequence
 
 import numpy as np
@@ -68,43 +66,6 @@ class Generator(Protocol):
 
 
 GENERATOR_MEMBERS = ("needs_model", "model_name", "generate")
-
-
-def resolve_model(model: str) -> str:
-    """Check, before Ray starts, that ``model`` can be loaded; returns it unchanged.
-
-    A local folder must hold a ``model_index.json``; a Hugging Face id must be in the local cache
-    or the Hub must be reachable.
-    """
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise ConfigError(
-                f"generate.model={model!r} is a folder without model_index.json; "
-                "point it at a folder written by DiffusionPipeline.save_pretrained"
-            )
-        return str(path.resolve())
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise ConfigError(
-            f"generate.model={model!r} is neither an existing folder nor a Hugging Face id like 'stabilityai/sd-turbo'"
-        )
-    from huggingface_hub import model_info, try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
-        return model
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        reason = "HF_HUB_OFFLINE is set and the model is not in the local Hugging Face cache"
-    else:
-        try:
-            model_info(model, timeout=15)
-            return model
-        except Exception as exc:  # network errors, 401/404 from the Hub
-            reason = f"the Hugging Face Hub could not be reached or refused it ({type(exc).__name__})"
-    raise ConfigError(
-        f"cannot load generate.model={model!r}: {reason}. Fix: download it where the Hub is reachable "
-        "(huggingface-cli download, or DiffusionPipeline.from_pretrained(...).save_pretrained(folder)) "
-        "and pass generate.model=<that folder>, or make the Hub reachable from every node"
-    )
 
 
 def _diffusers_generator() -> type:
@@ -205,8 +166,12 @@ def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
     gen_cfg = cfg.generate
     if generator.needs_model:
         # Actors load the resolved paths; the plan keeps the names as given, so cwd does not matter.
+        from synth.diffusion import resolve_model
+
         gen_cfg = dataclasses.replace(
-            gen_cfg, model=resolve_model(gen_cfg.model), prior=resolve_model(gen_cfg.prior) if gen_cfg.prior else None
+            gen_cfg,
+            model=resolve_model(gen_cfg.model, "generate.model"),
+            prior=resolve_model(gen_cfg.prior, "generate.prior") if gen_cfg.prior else None,
         )
         if cfg.generate.generator == "diffusers":
             from synth.diffusion import check_models

@@ -93,15 +93,14 @@ def cut_shards(rows: list[dict], shard_size: int) -> list[list[dict]]:
     return [rows[i : i + shard_size] for i in range(0, len(rows), shard_size)]
 
 
-def import_class(spec: str, key: str, registry: dict, members: Sequence[str], contract: str) -> type:
-    """The class config ``key`` names: a key of ``registry`` or ``package.module:ClassName`` with ``members``.
+def import_class(spec: str, key: str, registry: dict[str, Callable[[], type]], members: Sequence[str], contract: str) -> type:
+    """The class config ``key`` names: a key of ``registry`` (name -> loader) or ``package.module:ClassName`` with ``members``.
 
     Imports the module of a path, so calling it on the driver before Ray starts turns a typo or a
     missing package into a :class:`ConfigError` that names the fix instead of a failed actor.
     """
     if spec in registry:
-        entry = registry[spec]
-        return entry() if not isinstance(entry, type) else entry  # a zero-argument loader keeps heavy imports lazy
+        return registry[spec]()  # a zero-argument loader: heavy imports wait until a stage needs them
     registered = ", ".join(registry)
     module_name, sep, class_name = spec.partition(":")
     if not sep:

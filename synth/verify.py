@@ -100,7 +100,7 @@ def check_generate(cfg: Config, storage: Storage) -> StageCheck:
 
 
 def check_derive(cfg: Config, storage: Storage) -> StageCheck:
-    from synth.derive import child_rows, deriver_class, plan_for
+    from synth.derive import planned
     from synth.imagejob import cut_shards
 
     layout = Layout(cfg.run)
@@ -115,8 +115,7 @@ def check_derive(cfg: Config, storage: Storage) -> StageCheck:
     except Exception as exc:
         check.findings.append(Finding(CORRUPT, layout.derive_parents, f"unreadable ({type(exc).__name__})"))
         return check
-    rows = child_rows(cfg, parents)
-    plan = plan_for(cfg, parents, rows, deriver_class(cfg.derive.generator).model_name(cfg.derive))
+    rows, plan = planned(cfg, parents)
     check = _check_image_job(check, storage, layout, plan, cut_shards(rows, cfg.generate.shard_size))
     check.checked += 1
     return check

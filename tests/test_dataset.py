@@ -20,7 +20,7 @@ from synth.dataset import (
     synthetic_split_sizes, val_size,
 )  # fmt: skip
 from synth.generate import model_name, plan_for, shard_rows
-from synth.imagejob import build_manifest, claim_plan, scan_shards
+from synth.imagejob import build_manifest, claim_plan, cut_shards, scan_shards
 from synth.images import encode_png
 from synth.shards import META_PLAN, plan_sha256, shard_table
 from synth.prompts import build_prompt_table
@@ -375,11 +375,11 @@ def write_image_stage(storage: Storage, stage: str, rows: list[dict], shard_size
     layout = Layout(RUN)
     plan = plan_sha256({"stage": stage, "ids": [r["id"] for r in rows]})
     manifests = []
-    for k in range(0, len(rows), shard_size):
-        chunk = [{"prompt": "", "negative": "", "seed": seed, **r} for seed, r in enumerate(rows[k : k + shard_size], start=k)]
+    rows = [{"prompt": "", "negative": "", "seed": seed, **r} for seed, r in enumerate(rows)]
+    for k, chunk in enumerate(cut_shards(rows, shard_size)):  # id-sorted rows, cut as the stages cut them
         pngs = [encode_png(class_pattern_image(r["label"], r["seed"])) for r in chunk]
-        table = shard_table(chunk, pngs, k // shard_size, "test-model", (32, 32), plan)
-        storage.write_parquet(layout.shard(stage, k // shard_size), table)
+        table = shard_table(chunk, pngs, k, "test-model", (32, 32), plan)
+        storage.write_parquet(layout.shard(stage, k), table)
         manifests.append(table.drop_columns(["image"]))
     manifest = pa.concat_tables(manifests).sort_by("id").replace_schema_metadata({META_PLAN: plan.encode()})
     storage.write_parquet(layout.manifest(stage), manifest)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -101,7 +102,7 @@ def test_derived_from_generated_parents_complete_lineage_exactly_once(tmp_path, 
     parents = {pid: decode_png(png) for pid, png in zip(*(storage.read_parquet(Layout("d").derive_parents).column(c).to_pylist()
                                                           for c in ("id", "image")))}  # fmt: skip
     for row in manifest:
-        row["params"] = __import__("json").loads(row["params"])
+        row["params"] = json.loads(row["params"])
         # Lineage: every parent exists among the generated images, of the child's class and label.
         assert row["parents"] and all(p in gen_by_id for p in row["parents"]), row
         assert all(gen_by_id[p]["class_name"] == row["class_name"] and gen_by_id[p]["label"] == row["label"] for p in row["parents"])
@@ -270,8 +271,6 @@ def test_real_pipelines_through_the_stages(tmp_path, tiny_sd, ray_local):
 def test_worked_example_two_classes_of_your_own_from_a_handful_of_photos(tmp_path):
     """The README's worked example, as written (relative paths, from the folder the photos are in),
     with the class-aware deriver standing in for SD-Turbo and a CPU-sized network."""
-    import json
-
     run = lambda *cmd: subprocess.run([sys.executable, "-m", *cmd], cwd=tmp_path, capture_output=True, text=True, timeout=600)  # noqa: E731
     made = run("synth.testkit", "photo-folder", "photos", "oil painting", "pencil drawing")
     assert made.returncode == 0, made.stderr
