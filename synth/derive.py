@@ -63,7 +63,9 @@ PARENT_SCHEMA = pa.schema(
         ("label", pa.int32()),
         ("class_name", pa.string()),
         ("prompt", pa.string()),  # the parent's own prompt; empty for the user's photos
-        ("source", pa.string()),  # where it came from: a generate shard or full-size image, or the user's file
+        # Where it came from: a generate shard or full-size image (a key under the storage root, so a
+        # run moved to another root still matches its plan), or the user's file (its URI).
+        ("source", pa.string()),
         ("image", pa.binary()),  # PNG, RGB, at most the render resolution on its longer side
     ]
 )
@@ -255,7 +257,7 @@ def generated_parents(cfg: Config, storage: Storage) -> ParentScan:
     if full:
         def load(r):
             key = layout.generate_full_image(class_slug(r["class_name"]), r["id"])
-            return r["id"], storage.uri(key), _decode_photo(storage.read_bytes(key), max_side)
+            return r["id"], key, _decode_photo(storage.read_bytes(key), max_side)
 
         with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
             for pid, uri, png in pool.map(load, rows):
@@ -274,7 +276,7 @@ def generated_parents(cfg: Config, storage: Storage) -> ParentScan:
                 )
             for pid, png in zip(check.table.column("id").to_pylist(), check.table.column("image").to_pylist()):
                 if pid in wanted:
-                    images[pid] = (storage.uri(key), png)
+                    images[pid] = (key, png)
     columns: dict[str, list] = {n: [] for n in PARENT_SCHEMA.names}
     for r in rows:
         uri, png = images[r["id"]]

@@ -82,12 +82,15 @@ def test_children_are_a_pure_function_of_parents_and_config(tmp_path):
     assert [r["id"] for r in other] == [r["id"] for r in rows] and [r["seed"] for r in other] != [r["seed"] for r in rows]
 
 
+DERIVE_ARGS = ("prompts.per_class=4", "prompts.classes=[cat,dog,frog]", "derive.variations.count=2", "derive.inpainting.count=3",
+               "derive.fusion.per_class=3", "generate.shard_size=8")  # fmt: skip
+
+
 def test_derived_from_generated_parents_complete_lineage_exactly_once(tmp_path, ray_local):
     from synth.derive import run_derive
     from synth.generate import run_generate
 
-    cfg = config(tmp_path, "prompts.per_class=4", "prompts.classes=[cat,dog,frog]", "derive.variations.count=2",
-                 "derive.inpainting.count=3", "derive.fusion.per_class=3", "generate.shard_size=8")  # fmt: skip
+    cfg = config(tmp_path, *DERIVE_ARGS)
     storage = Storage(str(tmp_path))
     run_generate(cfg)
     summary = run_derive(cfg)
@@ -118,6 +121,13 @@ def test_derived_from_generated_parents_complete_lineage_exactly_once(tmp_path, 
     again = run_derive(cfg)
     assert again["shards_generated"] == 0 and again["images_generated"] == 0 and again["shards_already_stored"] == 9
     assert read_stage(storage, "d", "derive")[1] == images, "a rerun changes nothing"
+
+    # A run moved to another storage root is the same run: its parents and plan still match.
+    import shutil
+
+    shutil.copytree(tmp_path / "d", tmp_path / "moved" / "d")
+    moved = run_derive(config(tmp_path / "moved", *DERIVE_ARGS))
+    assert moved["shards_generated"] == 0 and moved["shards_already_stored"] == 9
 
     # verify sees the derive stage; a damaged child shard is quarantined and remade, byte for byte.
     from synth.verify import run_verify
