@@ -245,6 +245,10 @@ class DatasetConfig:
     # Synthetic images of these techniques only (text-to-image: template, adversarial; from parent
     # images: variation, fusion, inpainting); None: every technique the generate and derive stages made.
     techniques: Optional[List[str]] = None
+    # Which synthetic images the train and tune stages read: curated (the curate stage's accepted
+    # images, after review decisions), all, or auto (curated when the curate stage has run). The
+    # splits always hold every image with its verdict, so curated and uncurated sets compare.
+    synthetic_source: str = "auto"
 
 
 @dataclass
@@ -813,8 +817,15 @@ def _validate_dataset(cfg: Config) -> None:
         f"give distinct techniques from {list(TECHNIQUES)}, e.g. dataset.techniques=[template,variation], "
         "or null for every technique",
     )
+    _require(
+        d.synthetic_source in SYNTHETIC_SOURCES,
+        "dataset.synthetic_source",
+        d.synthetic_source,
+        f"choose one of {', '.join(SYNTHETIC_SOURCES)} (auto: curated when the curate stage has run)",
+    )
 
 
+SYNTHETIC_SOURCES = ("auto", "all", "curated")
 TUNE_MODES = ("fixed_budget", "augment")
 
 

@@ -44,7 +44,7 @@ import tarfile
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, NamedTuple, Optional, Sequence
 
@@ -59,8 +59,14 @@ from synth.storage import Layout, Storage
 
 log = logging.getLogger(__name__)
 
-DOMAINS = ("real", "synthetic")
+DOMAINS = ("real", "synthetic", "adversarial")
 SPLITS = ("train", "val", "test")
+# Hostile examples (the prompts stage's technique "hostile": a class's look on the wrong object)
+# are not their class: they make the test-only "adversarial" domain, labelled with the class they
+# imitate, so a model's accuracy on it is its fooling rate. They never enter a training split.
+HOSTILE = "hostile"
+ADVERSARIAL = "adversarial"
+SPLITS_OF = {ADVERSARIAL: ("test",)}
 # The stages whose manifests and shards make the synthetic domain: text-to-image, then images
 # made from parent images.
 IMAGE_STAGES = ("generate", "derive")
@@ -72,6 +78,10 @@ SCHEMA = pa.schema(
         ("image", pa.binary()),
         ("domain", pa.string()),
         ("source", pa.string()),
+        # How a synthetic image was made ("" for real photographs), and the curate stage's verdict
+        # after review decisions (null for real photographs and runs that were not curated).
+        ("technique", pa.string()),
+        ("accepted", pa.bool_()),
     ]
 )
 # Parquet schema metadata keys: what a reader needs without decoding an image.
@@ -105,6 +115,8 @@ class Item:
     pixels: Optional[np.ndarray] = None  # (32, 32, 3) uint8, already decoded (CIFAR rows)
     data: Optional[bytes] = None  # encoded image bytes (synthetic shards)
     key: Optional[str] = None  # object to read from the image-folder storage
+    technique: str = ""  # synthetic images: how it was made
+    accepted: Optional[bool] = None  # synthetic images of a curated run: the verdict after review
 
 
 @dataclass
@@ -117,6 +129,8 @@ class DomainItems:
     # Synthetic images: id -> lineage group key (whole groups stay in one split), and id -> technique.
     group_of: Optional[dict[str, str]] = None
     technique_of: Optional[dict[str, str]] = None
+    # Synthetic images: the hostile examples, for the test-only adversarial domain.
+    hostile: list[Item] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,14 +592,15 @@ def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
     stages = list(plans)
     group_of = lineage_groups((image_id, m.parents) for image_id, m in made.items())
     class_of_group = _group_classes(storage, layout, made, group_of)
+    curation, source = _curation(cfg, storage)
 
-    # 2. The chosen techniques' images, by class and lineage group.
+    # 2. The chosen techniques' images, by class and lineage group (never the hostile examples).
     found = Counter(m.technique for m in made.values())
-    techniques = list(d.techniques) if d.techniques is not None else sorted(found, key=_technique_order)
+    techniques = list(d.techniques) if d.techniques is not None else sorted(set(found) - {HOSTILE}, key=_technique_order)
     for technique in techniques:
         if not found[technique]:
             log.warning("dataset: dataset.techniques lists %r, but run %r has no such images", technique, cfg.run)
-    chosen = set(techniques)
+    chosen = set(techniques) - {HOSTILE}
     members: dict[str, list[str]] = defaultdict(list)  # group key -> its chosen images
     for image_id, m in made.items():
         if m.technique in chosen:
@@ -598,6 +613,27 @@ def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
 
     # Labels come from the class name, so a run with another class order still lines up.
     ours = {class_slug(c): label for label, c in enumerate(cfg.prompts.classes)}
+
+    def item(image_id: str, class_name: str) -> Item:
+        # A reviewer's relabel changes the image's label, not the split its lineage group is in.
+        relabelled = curation.relabel.get(image_id) if curation is not None else None
+        if relabelled is not None:
+            if class_slug(relabelled) not in ours:
+                raise ConfigError(
+                    f"a review decision relabels {image_id!r} to {relabelled!r}, which is not in prompts.classes "
+                    f"{list(cfg.prompts.classes)}. Fix: add the class, or record a new decision for {image_id!r} "
+                    "(python -m ray_jobs.review <config> decide ...)"
+                )
+            class_name = cfg.prompts.classes[ours[class_slug(relabelled)]]
+        m = made[image_id]
+        return Item(
+            id=image_id,
+            label=ours[class_slug(class_name)],
+            class_name=class_name,
+            source=layout.shard(m.stage, m.shard),
+            technique=m.technique,
+            accepted=curation.accepted.get(image_id) if curation is not None else None,
+        )
     absent = [c for c in cfg.prompts.classes if not groups_by_class.get(class_slug(c))]
     if absent:
         which = f" of the techniques {techniques}" if d.techniques is not None else ""
@@ -638,14 +674,19 @@ def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
             log.warning("dataset: synthetic class %r: %s", class_name, note)
         for split, keys in (("train", train_keys), ("test", test_keys)):
             for image_id in sorted(i for key in keys for i in members[key]):
-                source = layout.shard(made[image_id].stage, made[image_id].shard)
-                splits[split].append(Item(id=image_id, label=label, class_name=class_name, source=source))
+                splits[split].append(item(image_id, class_name))
+    # The hostile examples of the configured classes, all of them, for the adversarial domain.
+    hostile = [
+        item(image_id, cfg.prompts.classes[ours[class_slug(m.class_name)]])
+        for image_id, m in sorted(made.items())
+        if m.technique == HOSTILE and class_slug(m.class_name) in ours
+    ]
 
     # 4. Image bytes, one shard read at a time, only for the chosen ids.
     ids_of: dict[tuple[str, int], list[str]] = defaultdict(list)
     for image_id, m in made.items():
         ids_of[(m.stage, m.shard)].append(image_id)
-    wanted = {item.id: item for items in splits.values() for item in items}
+    wanted = {item.id: item for items in [*splits.values(), hostile] for item in items}
     to_read = sorted({(made[i].stage, made[i].shard) for i in wanted}, key=lambda s: (IMAGE_STAGES.index(s[0]), s[1]))
     for stage, shard in to_read:
         key = layout.shard(stage, shard)
@@ -686,9 +727,45 @@ def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
         "unused_per_class": unused,
         "proportional_split": notes,
         "ignored_classes": ignored_classes,
+        "hostile_images": len(hostile),
+        "synthetic_source": source,
     }
+    if curation is not None:
+        unscored = sorted(i for i in wanted if i not in curation.accepted)
+        info["curation"] = {
+            "scored": len(curation.accepted),
+            "accepted": sum(curation.accepted.values()),
+            "decisions_applied": curation.decisions,
+            "relabelled": sum(1 for i in wanted if i in curation.relabel),
+            "unscored": len(unscored),
+        }
+        if unscored:
+            log.warning(
+                "dataset: %d synthetic images (e.g. %r) have no curate score, so they count as not accepted; rerun the "
+                "curate stage to score them", len(unscored), unscored[0],
+            )
     technique_of = {image_id: made[image_id].technique for image_id in wanted}
-    return DomainItems(splits=splits, info=info, group_of={i: group_of[i] for i in wanted}, technique_of=technique_of)
+    return DomainItems(
+        splits=splits, info=info, group_of={i: group_of[i] for i in wanted}, technique_of=technique_of, hostile=hostile
+    )
+
+
+def _curation(cfg: Config, storage: Storage):
+    """The curate stage's verdicts with review decisions applied (None when not curated), and the
+    synthetic source the readers of the synthetic domain use: "curated" or "all"."""
+    from synth.review import curation_state
+
+    state = curation_state(storage, cfg.run, list(cfg.prompts.classes))
+    wanted = cfg.dataset.synthetic_source
+    if wanted == "curated" and state is None:
+        raise ConfigError(
+            f"dataset.synthetic_source=curated, but run {cfg.run!r} has no curate scores at "
+            f"{storage.uri(Layout(cfg.run).stage('curate'))}/scores.parquet. Fix: run the curate stage first "
+            "(python -m ray_jobs.curate <config>), or use dataset.synthetic_source=all"
+        )
+    if wanted == "auto":
+        wanted = "curated" if state is not None else "all"
+    return state, wanted
 
 
 def _technique_order(technique: str) -> tuple[int, str]:
@@ -770,6 +847,8 @@ def build_table(
         columns["image"].append(png)
         columns["domain"].append(domain)
         columns["source"].append(item.source)
+        columns["technique"].append(item.technique)
+        columns["accepted"].append(item.accepted)
     schema = SCHEMA.with_metadata({META_IMAGE_SIZE: str(size).encode(), META_CLASSES: "\x1f".join(classes).encode()})
     return pa.table(columns, schema=schema), skipped
 
@@ -813,6 +892,13 @@ def run_dataset(cfg: Config, storage: Optional[Storage] = None) -> dict:
         domains["real"] = cifar10_items(cfg) if d.real_source == "cifar10" else folder_items(cfg)
     if "synthetic" in d.domains:
         domains["synthetic"] = synthetic_items(cfg, storage)
+        if domains["synthetic"].hostile:
+            hostile = domains["synthetic"].hostile
+            domains[ADVERSARIAL] = DomainItems(
+                splits={"train": [], "test": hostile},
+                info={"source": "hostile examples (technique hostile), labelled with the class each imitates"},
+                technique_of={i.id: i.technique for i in hostile},
+            )
     write_stage_config(storage, cfg, "dataset")
     removed = storage.remove_partials(layout.stage("dataset"))
 
@@ -833,9 +919,11 @@ def run_dataset(cfg: Config, storage: Optional[Storage] = None) -> dict:
         report.update(images={}, per_class={}, skipped_corrupt={})
         if found.group_of is not None:
             report.update(groups={}, per_technique={})
+        if domain == "synthetic" and "curation" in found.info:
+            report["accepted"] = {}
         seen: dict[str, str] = {}
         group_split: dict[str, str] = {}
-        for split in SPLITS:
+        for split in SPLITS_OF.get(domain, SPLITS):
             for item in planned[split]:
                 # Both by construction impossible; a leak would void every number.
                 if item.id in seen:
@@ -853,6 +941,8 @@ def run_dataset(cfg: Config, storage: Optional[Storage] = None) -> dict:
             report["skipped_corrupt"][split] = skipped
             if found.group_of is not None:
                 report["groups"][split], report["per_technique"][split] = _lineage_counts(table, found)
+            if "accepted" in report:
+                report["accepted"][split] = sum(1 for a in table.column("accepted").to_pylist() if a)
             summary["tables"][f"{domain}/{split}"] = storage.uri(key)
             if skipped:
                 log.warning("dataset: %s/%s: skipped %d unreadable images", domain, split, skipped)
@@ -862,6 +952,13 @@ def run_dataset(cfg: Config, storage: Optional[Storage] = None) -> dict:
             # e.g. "(template 4,500/500/1,000, variation 900/100/200 train/val/test)"
             per_split = [f"{t} " + "/".join(f"{report['per_technique'][s][t]['images']:,}" for s in SPLITS) for t in report["techniques"]]
             line += f" ({', '.join(per_split)} train/val/test)"
+        if domain == "synthetic":
+            line += f"; source {report['synthetic_source']}"
+            if "accepted" in report:
+                kept = "/".join(f"{report['accepted'][s]:,}" for s in SPLITS)
+                line += f" ({kept} train/val/test accepted by the curate stage and review)"
+        if domain == ADVERSARIAL:
+            line += " (hostile examples; a model's accuracy here is its fooling rate)"
         say("dataset", line)
     summary["wall_seconds"] = round(time.perf_counter() - start, 3)
     return write_stage_summary(storage, cfg, "dataset", summary)

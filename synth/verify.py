@@ -163,7 +163,7 @@ def _check_image_job(check: StageCheck, storage: Storage, layout: Layout, plan: 
 
 
 def check_dataset(cfg: Config, storage: Storage) -> StageCheck:
-    from synth.dataset import SPLITS
+    from synth.dataset import ADVERSARIAL, SPLITS, SPLITS_OF
 
     layout = Layout(cfg.run)
     summary = storage.read_json_or_none(layout.summary("dataset"))
@@ -175,9 +175,11 @@ def check_dataset(cfg: Config, storage: Storage) -> StageCheck:
         return check
     manifest_ids: Optional[set] = None
     images = 0
-    for domain in cfg.dataset.domains:
+    # The adversarial domain (hostile examples) is built with the synthetic one when the run has them.
+    domains = [*cfg.dataset.domains, *([ADVERSARIAL] if ADVERSARIAL in summary.get("domains", {}) else [])]
+    for domain in domains:
         seen: dict[str, str] = {}
-        for split in SPLITS:
+        for split in SPLITS_OF.get(domain, SPLITS):
             key = layout.dataset_split(domain, split)
             check.checked += 1
             try:
@@ -195,7 +197,7 @@ def check_dataset(cfg: Config, storage: Storage) -> StageCheck:
             if leaked:
                 check.findings.append(Finding(CORRUPT, key, f"{len(leaked)} ids also in {seen[leaked[0]]} (e.g. {leaked[0]!r})"))
             seen.update((i, split) for i in ids)
-            if domain == "synthetic":
+            if domain in ("synthetic", ADVERSARIAL):
                 if manifest_ids is None:
                     manifest_ids = _manifest_ids(storage, layout)
                 unknown = [i for i in ids if i not in manifest_ids]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import uuid
 from collections import Counter
@@ -53,7 +54,7 @@ def check_split_tables(storage: Storage, domain: str) -> dict:
     ts = tables(storage, domain)
     seen: set[str] = set()
     for split, t in ts.items():
-        assert t.column_names == ["id", "label", "class_name", "image", "domain", "source"]
+        assert t.column_names == ["id", "label", "class_name", "image", "domain", "source", "technique", "accepted"]
         assert str(t.schema.field("label").type) == "int32"
         ids = set(t.column("id").to_pylist())
         assert len(ids) == t.num_rows and not ids & seen, f"{split} repeats ids"
@@ -360,7 +361,8 @@ def test_generate_then_dataset_share_one_label_space(tmp_path, ray_local):
 def test_dataset_imports_no_later_stage():
     # Data flows generate -> dataset through storage; the code must not flow back through imports.
     assert synth_imports(REPO / "synth" / "dataset.py") <= {
-        "synth.config", "synth.images", "synth.progress", "synth.storage", "synth.runtime", "synth.shards"
+        "synth.config", "synth.images", "synth.progress", "synth.storage", "synth.runtime", "synth.shards",
+        "synth.review",  # the curate verdicts and review decisions (earlier stages) it applies
     }  # fmt: skip
 
 
@@ -638,3 +640,111 @@ def test_techniques_config_validation():
         with pytest.raises(ConfigError, match=r"dataset\.techniques.*(template|\[first,second\])") as err:
             load_config(None, [bad])
         assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile examples and curation verdicts
+# --------------------------------------------------------------------------------------------
+
+
+def write_scores(storage: Storage, verdicts: dict[str, bool]) -> None:
+    """A curate stage's scores.parquet (the contract's columns) with the given filter verdicts."""
+    rows = manifest_rows(storage)
+    ids = sorted(verdicts)
+    k = len(CLASSES)
+    table = pa.table(
+        {
+            "id": ids,
+            "class_name": [rows[i]["class_name"] for i in ids],
+            "label": pa.array([CLASSES.index(rows[i]["class_name"]) for i in ids], pa.int32()),
+            "technique": [rows[i]["technique"] for i in ids],
+            "stage": ["generate"] * len(ids),
+            "similarity": pa.array([0.5] * len(ids), pa.float32()),
+            "probabilities": pa.array([[1.0 / k] * k] * len(ids), pa.list_(pa.float32())),
+            "prob_own": pa.array([1.0 / k] * len(ids), pa.float32()),
+            "entropy": pa.array([float(np.log(k))] * len(ids), pa.float32()),
+            "rank": pa.array([1] * len(ids), pa.int32()),
+            "embedding": pa.array([[1.0, 0.0]] * len(ids), pa.list_(pa.float32())),
+            "accepted": [verdicts[i] for i in ids],
+            "reason": ["" if verdicts[i] else "similarity" for i in ids],
+        }
+    )
+    storage.write_parquet(f"{Layout(RUN).stage('curate')}/scores.parquet", table)
+
+
+def write_decisions(storage: Storage, name: str, decisions: list[dict], minute: int = 0) -> None:
+    lines = [{"reviewer": "ana", "time": f"2026-11-29T05:{minute:02d}:0{n}Z", **d} for n, d in enumerate(decisions)]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    storage.write_bytes(f"{Layout(RUN).stage('curate')}/decisions/{name}.jsonl", data)
+
+
+def hostile_run(storage: Storage) -> list[dict]:
+    rows = [row(f"{c}-{i:06d}", c, "environment") for c in CLASSES for i in range(10)]
+    rows += [row(f"{c}-hostile-{i:05d}", c, "hostile") for c in CLASSES for i in range(3)]
+    write_image_stage(storage, "generate", rows, shard_size=16)
+    return rows
+
+
+def test_hostile_images_make_the_test_only_adversarial_domain(tmp_path, capsys):
+    storage = Storage(str(tmp_path))
+    rows = hostile_run(storage)
+    summary = run_dataset(lineage_cfg(tmp_path))
+    adversarial = load_split_table(storage, RUN, "adversarial", "test")
+    hostile = sorted(r["id"] for r in rows if r["technique"] == "hostile")
+    assert adversarial.column("id").to_pylist() == hostile
+    # Labelled with the class each imitates, so a model's accuracy there is its fooling rate.
+    assert adversarial.column("class_name").to_pylist() == [i.split("-")[0] for i in hostile]
+    assert [CLASSES[i] for i in adversarial.column("label").to_pylist()] == adversarial.column("class_name").to_pylist()
+    assert set(adversarial.column("technique").to_pylist()) == {"hostile"}
+    for split in ("train", "val"):
+        assert not storage.exists(Layout(RUN).dataset_split("adversarial", split))
+    synthetic = check_split_tables(storage, "synthetic")
+    used = [i for t in synthetic.values() for i in t.column("id").to_pylist()]
+    assert not set(used) & set(hostile) and len(used) == 30
+    assert {t for s in synthetic.values() for t in s.column("technique").to_pylist()} == {"environment"}
+    assert all(a is None for s in synthetic.values() for a in s.column("accepted").to_pylist())
+    syn = summary["domains"]["synthetic"]
+    assert syn["techniques"] == ["environment"] and syn["hostile_images"] == 9 and syn["synthetic_source"] == "all"
+    assert summary["domains"]["adversarial"]["images"] == {"test": 9}
+    assert "fooling rate" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="dataset.techniques"):
+        lineage_cfg(tmp_path, "dataset.techniques=[hostile]")
+
+
+def test_curate_verdicts_and_review_decisions_reach_the_splits(tmp_path, capsys):
+    storage = Storage(str(tmp_path))
+    rows = hostile_run(storage)
+    with pytest.raises(ConfigError, match="synthetic_source=curated.*no curate scores.*ray_jobs.curate"):
+        run_dataset(lineage_cfg(tmp_path, "dataset.synthetic_source=curated"))
+    ids = sorted(r["id"] for r in rows)
+    verdicts = {i: n % 3 != 0 for n, i in enumerate(ids)}  # a third rejected by the filter
+    write_scores(storage, verdicts)
+    rejected_by_filter = next(i for i in ids if not verdicts[i] and "hostile" not in i)
+    accepted_by_filter = [i for i in ids if verdicts[i] and "hostile" not in i]
+    write_decisions(storage, "20261129T050000Z-aaaaaaaa", [
+        {"id": rejected_by_filter, "decision": "accept"},
+        {"id": accepted_by_filter[0], "decision": "reject"},
+        {"id": accepted_by_filter[1], "decision": "relabel", "class": "dog"},
+        {"id": accepted_by_filter[2], "decision": "reject"},
+    ])  # fmt: skip
+    # A later decision supersedes an earlier one: the reviewer's undo.
+    write_decisions(storage, "20261129T050100Z-bbbbbbbb", [{"id": accepted_by_filter[2], "decision": "accept"}], minute=1)
+    expected = dict(verdicts)
+    expected.update({rejected_by_filter: True, accepted_by_filter[0]: False, accepted_by_filter[1]: True})
+    for source in ("auto", "all"):
+        summary = run_dataset(lineage_cfg(tmp_path, f"dataset.synthetic_source={source}"))
+        stored = {}
+        for domain, splits in (("synthetic", SPLITS), ("adversarial", ("test",))):
+            for split in splits:
+                t = load_split_table(storage, RUN, domain, split)
+                stored.update(zip(t.column("id").to_pylist(), t.column("accepted").to_pylist()))
+                labels = dict(zip(t.column("id").to_pylist(), t.column("class_name").to_pylist()))
+                if accepted_by_filter[1] in labels:
+                    assert labels[accepted_by_filter[1]] == "dog"  # relabelled in place
+        assert stored == expected  # every image kept, with its verdict after review
+        syn = summary["domains"]["synthetic"]
+        assert syn["synthetic_source"] == ("curated" if source == "auto" else "all")
+        assert syn["curation"] == {"scored": 39, "accepted": sum(expected.values()), "decisions_applied": 4,
+                                   "relabelled": 1, "unscored": 0}  # fmt: skip
+        assert sum(syn["accepted"].values()) == sum(v for i, v in expected.items() if "hostile" not in i)
+    assert "accepted by the curate stage and review" in capsys.readouterr().out
