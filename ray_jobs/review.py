@@ -2,7 +2,7 @@
 
 The review queue and decision log of the run's curate stage (see synth/review.py). No Ray.
 
-  queue --order score|uncertainty|diverse [--per-class N] [--classes cat,dog] [--include-decided]
+  queue --order score|uncertainty|diverse [--per-class N (default 100)] [--classes cat,dog] [--include-decided]
         [--threshold 0.9]
       writes <run>/curate/review/queue-<order>.parquet and .html (a self-contained contact sheet)
   decide --reviewer NAME ID accept|reject|relabel [CLASS]
@@ -19,6 +19,7 @@ from ray_jobs._cli import main
 from synth.review import DEFAULT_THRESHOLD, ORDERS, format_time, parse_decision_file, run_decide, run_log, run_queue
 
 COMMANDS = ("queue", "decide", "log")
+DEFAULT_PER_CLASS = 100  # a contact sheet of every image of a 6,000-image class helps nobody
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     queue = commands.add_parser("queue", help="write the review queue's table and contact sheet")
     queue.add_argument("--order", choices=ORDERS, default="score")
-    queue.add_argument("--per-class", type=int, default=None, help="at most N images per class")
+    queue.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS, help=f"at most N images per class (default {DEFAULT_PER_CLASS})")
     queue.add_argument("--classes", default=None, help="comma-separated subset of prompts.classes")
     queue.add_argument("--include-decided", action="store_true", help="queue ids that already have a decision")
     queue.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="diverse: near-duplicate cosine")

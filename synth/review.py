@@ -44,6 +44,7 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from synth.config import Config, class_slug
@@ -98,18 +99,19 @@ def queue_key(run: str, order: str, ext: str) -> str:
 
 
 def read_scores(storage: Storage, run: str, columns: Optional[list[str]] = None) -> Optional[pa.Table]:
-    """The curate stage's scores (only ``columns`` if given), or None when curate has not run."""
+    """The curate stage's scores (only ``columns`` if given, the others not decoded), or None when curate has not run."""
     key = scores_key(run)
-    if not storage.exists(key):
+    try:
+        data = storage.read_bytes(key)
+    except FileNotFoundError:
         return None
-    table = storage.read_parquet(key)
-    wanted = columns or table.column_names
-    missing = [c for c in wanted if c not in table.column_names]
+    stored = pq.ParquetFile(io.BytesIO(data))
+    missing = [c for c in columns or () if c not in stored.schema_arrow.names]
     if missing:
         raise ReviewError(
             f"{storage.uri(key)} lacks the columns {missing} (made by an older synth). Fix: rerun the curate stage"
         )
-    return table.select(wanted)
+    return stored.read(columns=columns)
 
 
 def _require_scores(storage: Storage, run: str, columns: Optional[list[str]] = None) -> pa.Table:
