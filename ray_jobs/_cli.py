@@ -60,8 +60,10 @@ def user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
-def main(stage: str, fn: Callable[[Config], dict], argv: list[str] | None = None) -> int:
-    """Parse, run ``fn(cfg)``, print the summary; one clear line and exit code 2 on bad input."""
+def main(
+    stage: str, fn: Callable[[Config], dict], argv: list[str] | None = None, show: Callable[[Config, dict], None] | None = None
+) -> int:
+    """Parse, run ``fn(cfg)``, print the summary (or ``show(cfg, summary)`` it); one clear line and exit code 2 on bad input."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in VERBOSE_FLAGS for a in argv):
         os.environ[VERBOSE_ENV] = "1"  # inherited by Ray's workers
@@ -76,7 +78,9 @@ def main(stage: str, fn: Callable[[Config], dict], argv: list[str] | None = None
             raise
         print(f"synth {stage}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    if verbose() or stage == "pipeline":  # the pipeline's own summary is a few lines: where the report is
+    if show is not None:  # a command with its own output (review: where the queue went, the log)
+        show(cfg, summary)
+    elif verbose() or stage == "pipeline":  # the pipeline's own summary is a few lines: where the report is
         print(json.dumps(summary, indent=2, default=str))
     else:
         where = Storage.from_config(cfg.storage).uri(Layout(cfg.run).summary(stage))
