@@ -24,6 +24,7 @@ def test_class_aware_chain_transfers_from_synthetic_to_real(tmp_path, ray_local)
             f"dataset.real_path={real}",
             "generate.generator=synth.testkit:ClassAwareTestGenerator",
             "derive.generator=synth.testkit:ClassAwareTestDeriver",  # children keep their parents' classes
+            "curate.scorer=synth.testkit:ColourTestScorer",  # exact scores; no CLIP to build
             "train.experiments=[synthetic,real]",
             "train.test_domains=[real,synthetic]",
         ],
