@@ -235,7 +235,11 @@ def test_deterministic_scorer_exactly_once_across_stages_damage_and_new_rules(tm
 
     # A damaged score shard is quarantined and only it is scored again; the scores come out the same.
     layout = Layout("c")
+    from synth.verify import check_curate
+
+    assert check_curate(cfg, storage).findings == [] and check_curate(cfg, storage).checked == 5 + 1 + 1
     (tmp_path / layout.shard("curate", 1)).write_bytes(b"not parquet")
+    assert [f.kind for f in check_curate(cfg, storage).findings] == ["corrupt"], "verify finds it"
     repaired = run_curate(cfg)
     assert len(repaired["shards_quarantined"]) == 1 and repaired["images_scored"] == 5 and repaired["shards_scored"] == 1
     assert read_scores(storage, "c").equals(scores)
