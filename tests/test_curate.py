@@ -254,3 +254,32 @@ def test_deterministic_scorer_exactly_once_across_stages_damage_and_new_rules(tm
     # Another prompt is another plan: refused, naming the fix.
     with pytest.raises(ConfigError, match="different plan.*prompt.*Fix"):
         run_curate(config(tmp_path, *derive, f"curate.scorer={COLOUR}", "curate.prompt=a {cls}"))
+
+
+@pytest.mark.slow  # two fresh Ray instances in subprocesses: about a minute on 2 cores
+def test_readme_command_as_written(tmp_path, tiny_clip, ray_local):
+    """`python -m ray_jobs.curate configs/smoke.yaml` from a directory holding what `make setup` leaves."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from synth.generate import run_generate
+
+    work = tmp_path / "work"
+    shutil.copytree(REPO / "configs", work / "configs")
+    shutil.copytree(tiny_clip, work / ".cache" / "models" / "tiny-clip")
+    env = {**{k: v for k, v in os.environ.items() if k not in ("SYNTH_VERBOSE", "RAY_ADDRESS")}, "PYTHONPATH": str(REPO)}
+
+    def curate() -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "ray_jobs.curate", "configs/smoke.yaml"]
+        return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+
+    before = curate()
+    assert before.returncode == 2 and len(before.stderr.strip().splitlines()) == 1, before.stderr
+    assert "no images to curate" in before.stderr and "ray_jobs.generate" in before.stderr
+    run_generate(config(work / "outputs", run="smoke"))  # the images, made here: the command under test is curate's
+    done = curate()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[curate] 18 images scored (18 now), 18 accepted" in done.stdout + done.stderr
+    assert read_scores(Storage(str(work / "outputs")), "smoke").num_rows == 18
