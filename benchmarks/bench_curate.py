@@ -28,7 +28,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
