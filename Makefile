@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TINY_SD := .cache/models/tiny-sd
+TINY_CLIP := .cache/models/tiny-clip
 CIFAR_FIXTURE := .cache/data/cifar10-fixture
 
 .PHONY: setup smoke test bench clean
@@ -19,6 +20,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 setup: $(VENV)/.installed
 	@test -f $(TINY_SD)/model_index.json || $(PY) -m synth.testkit tiny-sd $(TINY_SD)
+	@test -f $(TINY_CLIP)/config.json || $(PY) -m synth.testkit tiny-clip $(TINY_CLIP)
 	@test -f $(CIFAR_FIXTURE)/cifar-10-batches-py/batches.meta || $(PY) -m synth.testkit cifar10-fixture $(CIFAR_FIXTURE)
 
 # The main job on this machine, on the smoke preset (tiny random-weight pipeline, CPU).

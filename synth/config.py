@@ -320,6 +320,35 @@ class TuneConfig:
 
 
 @dataclass
+class CurateConfig:
+    """CLIP scoring and filtering of every synthetic image (generate + derive), exactly once (synth.curate)."""
+
+    # Off by default: the pipeline runs curate between generate/derive and dataset when true.
+    enabled: bool = False
+    # "clip" (transformers CLIPModel) or a class as package.module:ClassName (see synth.curate.Scorer).
+    scorer: str = "clip"
+    # Hugging Face id or a local folder written by save_pretrained (CLIPModel + processor + tokenizer).
+    model: str = "openai/clip-vit-base-patch32"
+    # The text each class is scored against; {cls} is the class name.
+    prompt: str = "a photo of a {cls}"
+    # Score the full-resolution images where the image stage kept them (else the stored dataset-size ones).
+    full_resolution: bool = True
+    # Actor pool: size and GPUs per actor (null: 1 if the cluster has GPUs, else 0); images per model call.
+    num_actors: int = 1
+    num_gpus_per_actor: Optional[float] = None
+    batch_size: int = 64
+    # Images per score shard: the unit of resumption and of atomic writes.
+    shard_size: int = 1024
+    # Filter rules (applied after scoring; changing them rescores nothing). null switches a rule off.
+    min_similarity: Optional[float] = None  # cosine to the own class prompt, in [-1, 1]
+    probability_rule: bool = False  # own class probability >= 1/K (He et al., ICLR 2023)
+    min_probability: Optional[float] = None  # own class probability floor, in [0, 1]
+    dedup_cosine: Optional[float] = None  # within a class, drop an image this close to a better-ranked kept one, in (0, 1]
+    top_per_class: Optional[int] = None  # keep at most the N best-ranked per class
+    min_per_class: Optional[int] = None  # keep at least M per class: rescue the best-ranked rejected ones
+
+
+@dataclass
 class Config:
     run: str = "default"
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -327,6 +356,7 @@ class Config:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     derive: DeriveConfig = field(default_factory=DeriveConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -644,6 +674,7 @@ def validate(cfg: Config) -> None:
     )
     _require(1 <= g.shard_size <= 100_000, "generate.shard_size", g.shard_size, "must be in [1, 100000]")
     _validate_derive(cfg)
+    _validate_curate(cfg)
     _validate_dataset(cfg)
 
     t = cfg.train
@@ -770,6 +801,54 @@ def _validate_derive(cfg: Config) -> None:
         f"steps x strength must reach one denoising step (strength {ip.strength}); raise steps or strength",
     )
     _require(ip.model is None or bool(ip.model.strip()), "derive.inpainting.model", ip.model, "give a model id or folder, or null")
+
+
+def _validate_curate(cfg: Config) -> None:
+    # Whether the CLIP model loads is checked when the curate stage starts, before Ray starts.
+    c = cfg.curate
+    _require(
+        c.scorer == "clip" or bool(GENERATOR_PATH.match(c.scorer)),
+        "curate.scorer",
+        c.scorer,
+        "choose clip or give a class as package.module:ClassName (e.g. synth.testkit:ColourTestScorer)",
+    )
+    _require(bool(c.model.strip()), "curate.model", c.model, "give a Hugging Face id or a local folder written by save_pretrained")
+    _require("{cls}" in c.prompt, "curate.prompt", c.prompt, "must contain {cls}, e.g. 'a photo of a {cls}'")
+    _require(c.num_actors >= 1, "curate.num_actors", c.num_actors, "must be at least 1")
+    _require(
+        c.num_gpus_per_actor is None or 0.0 <= c.num_gpus_per_actor <= 8.0,
+        "curate.num_gpus_per_actor",
+        c.num_gpus_per_actor,
+        "must be in [0, 8], or null to use 1 when the cluster has GPUs and 0 otherwise",
+    )
+    _require(1 <= c.batch_size <= 65536, "curate.batch_size", c.batch_size, "must be in [1, 65536]")
+    _require(1 <= c.shard_size <= 100_000, "curate.shard_size", c.shard_size, "must be in [1, 100000]")
+    _require(
+        c.min_similarity is None or -1.0 <= c.min_similarity <= 1.0,
+        "curate.min_similarity",
+        c.min_similarity,
+        "must be a cosine in [-1, 1], or null for no similarity floor",
+    )
+    _require(
+        c.min_probability is None or 0.0 <= c.min_probability <= 1.0,
+        "curate.min_probability",
+        c.min_probability,
+        "must be in [0, 1], or null for no probability floor",
+    )
+    _require(
+        c.dedup_cosine is None or 0.0 < c.dedup_cosine <= 1.0,
+        "curate.dedup_cosine",
+        c.dedup_cosine,
+        "must be in (0, 1] (e.g. 0.95), or null to keep near-duplicates",
+    )
+    for key, value in (("curate.top_per_class", c.top_per_class), ("curate.min_per_class", c.min_per_class)):
+        _require(value is None or value >= 1, key, value, "must be at least 1, or null for no quota")
+    _require(
+        c.top_per_class is None or c.min_per_class is None or c.min_per_class <= c.top_per_class,
+        "curate.min_per_class",
+        c.min_per_class,
+        f"must not exceed curate.top_per_class={c.top_per_class} (keep at least M and at most N needs M <= N)",
+    )
 
 
 REAL_SOURCES = ("cifar10", "folder")

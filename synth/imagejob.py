@@ -43,7 +43,7 @@ import pyarrow as pa
 from synth.config import ConfigError, GenerateConfig, RayConfig, class_slug
 from synth.images import GeneratedImages, encode_png
 from synth.progress import plural, rate, say
-from synth.shards import MANIFEST_COLUMNS, META_PLAN, check_shard, plan_sha256, shard_number, shard_table
+from synth.shards import MANIFEST_COLUMNS, META_PLAN, SHARD_COLUMNS, check_shard, plan_sha256, shard_number, shard_table
 from synth.storage import TRANSIENT_MARK, Layout, Storage, StorageError, parquet_bytes, quarantine
 
 MAX_PASSES = 3  # passes over missing or bad shards before the job gives up
@@ -290,10 +290,14 @@ def scan_shards(
     plan: str,
     known: Optional[ShardScan] = None,
     stage: str = "generate",
+    columns: Sequence[str] = SHARD_COLUMNS,
+    keep: Sequence[str] = MANIFEST_COLUMNS,
 ) -> ShardScan:
     """Read and check every stored shard of ``stage`` (``ids[k]``: the ids shard k must hold, in order).
 
     A shard ``known`` found good, and still stored with the same size, is not read again.
+    ``columns``: what a shard of this kind stores (its checksum's columns); ``keep``: the columns
+    of each good shard kept for the manifest (image shards by default; see :mod:`synth.curate`).
     """
     prefix = layout.shards(stage)
     sizes: dict[int, int] = {}
@@ -317,14 +321,14 @@ def scan_shards(
             data = storage.read_bytes(layout.shard(stage, k))
         except FileNotFoundError:  # deleted since the listing
             return k, None, None
-        return k, check_shard(data, k, plan, ids[k]), len(data)
+        return k, check_shard(data, k, plan, ids[k], columns), len(data)
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         for k, result, size in pool.map(check, unread):
             if result is None:
                 scan.missing.append(k)
             elif result.ok:
-                scan.good[k], scan.sizes[k] = result.table.select(MANIFEST_COLUMNS), size
+                scan.good[k], scan.sizes[k] = result.table.select(list(keep)), size
             elif result.status == "foreign":
                 scan.foreign[k] = result.reason
             else:

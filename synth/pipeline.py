@@ -1,7 +1,8 @@
-"""The whole chain: prompts -> generate -> [derive] -> dataset -> train -> tune -> report, each stage resumable.
+"""The whole chain: prompts -> generate -> [derive] -> [curate] -> dataset -> train -> tune -> report, each stage resumable.
 
 derive (variations, fusion, inpainting of parent images) runs when the config asks for any;
-prompts and generate are skipped with generate.enabled=false (images from your own photos only).
+prompts and generate are skipped with generate.enabled=false (images from your own photos only);
+curate (CLIP scores and filter rules) runs with curate.enabled=true.
 
 Every stage reads what the one before wrote to storage, so this is only their sequence; a rerun
 skips finished work stage by stage (generate by shard, train by (experiment, seed), tune by trial).
@@ -19,6 +20,7 @@ from synth.storage import Storage
 
 
 def run_pipeline(cfg: Config, storage: Optional[Storage] = None) -> dict:
+    from synth.curate import run_curate
     from synth.dataset import run_dataset
     from synth.derive import run_derive
     from synth.generate import run_generate
@@ -31,6 +33,7 @@ def run_pipeline(cfg: Config, storage: Optional[Storage] = None) -> dict:
     storage.check_writable()
     stages = [("prompts", run_prompts), ("generate", run_generate)] if cfg.generate.enabled else []
     stages += [("derive", run_derive)] if derive_enabled(cfg.derive) else []
+    stages += [("curate", run_curate)] if cfg.curate.enabled else []
     stages += [("dataset", run_dataset), ("train", run_train), ("tune", run_tune), ("report", run_report)]
     say("pipeline", f"run {cfg.run!r}: {' -> '.join(name for name, _ in stages)}, into {storage.uri(cfg.run)}")
     summaries: dict[str, dict] = {}

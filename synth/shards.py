@@ -50,10 +50,14 @@ def shard_number(name: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-def content_sha256(table: pa.Table) -> str:
-    """sha256 over every column of every row, in the stored column order (length-prefixed)."""
+def content_sha256(table: pa.Table, columns: Sequence[str] = SHARD_COLUMNS) -> str:
+    """sha256 over every column of every row, in the stored column order (length-prefixed).
+
+    ``columns``: the columns a shard of this kind stores (image shards by default; the curate
+    stage's score shards name their own).
+    """
     digest = hashlib.sha256()
-    for name in SHARD_COLUMNS:
+    for name in columns:
         digest.update(name.encode() + b"\x00")
         for value in table.column(name).to_pylist():
             data = value if isinstance(value, bytes) else repr(value).encode()
@@ -104,8 +108,12 @@ class ShardCheck:
         return self.status == OK
 
 
-def check_shard(data: bytes, shard: int, plan: str, ids: Optional[Sequence[str]] = None) -> ShardCheck:
+def check_shard(
+    data: bytes, shard: int, plan: str, ids: Optional[Sequence[str]] = None, columns: Sequence[str] = SHARD_COLUMNS
+) -> ShardCheck:
     """Is ``data`` the shard ``k`` of the plan ``plan`` (holding exactly ``ids``, in order, if given)?
+
+    ``columns``: what the checksum covers (see :func:`content_sha256`).
 
     CORRUPT: unreadable or truncated, no or a wrong checksum, another shard's images, other ids.
     FOREIGN: intact, but made under another plan.
@@ -119,7 +127,7 @@ def check_shard(data: bytes, shard: int, plan: str, ids: Optional[Sequence[str]]
     if META_CONTENT not in meta or META_PLAN not in meta or META_SHARD not in meta:
         return ShardCheck(CORRUPT, "carries no checksum (written by an older synth or another tool)")
     try:
-        intact = content_sha256(table) == meta[META_CONTENT].decode()
+        intact = content_sha256(table, columns) == meta[META_CONTENT].decode()
     except (KeyError, pa.ArrowException):
         intact = False
     if not intact:

@@ -14,8 +14,11 @@
   decoder pair) and :func:`build_tiny_random_unclip` do the same for the image-conditioned and
   prior-based pipelines of :mod:`synth.diffusion`, from the configs of diffusers' own fast tests.
 
+- :func:`build_tiny_random_clip` writes a random-weight CLIP for the curate stage, and
+  :class:`ColourTestScorer` scores images exactly by their mean colour.
+
 Usage: ``python -m synth.testkit tiny-sd <folder>`` (or ``tiny-sd-inpaint``, ``tiny-kandinsky``,
-``tiny-unclip``) or ``cifar10-fixture <folder>``.
+``tiny-unclip``, ``tiny-clip``) or ``cifar10-fixture <folder>``.
 """
 
 from __future__ import annotations
@@ -653,11 +656,71 @@ def write_class_aware_dataset(
             write_dataset_split(storage, run, domain, split, images, [y for y, _ in rows], classes)
 
 
+# -- tiny random CLIP and a deterministic scorer for the curate stage ---------------------------
+
+
+def build_tiny_random_clip(out: str | Path, seed: int = 0) -> Path:
+    """Write a random-weight CLIP (``CLIPModel`` + ``CLIPProcessor``: 32x32 images, 16-wide
+    projections, the tiny byte-level tokenizer) to ``out`` with ``save_pretrained``.
+
+    It loads and runs exactly like ``openai/clip-vit-base-patch32`` (``curate.model=<out>``);
+    its scores are noise.
+    """
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tiny_clip_tokenizer(Path(tmp))
+        text = _clip_text_config(tokenizer, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+        vision = CLIPVisionConfig(
+            hidden_size=32, image_size=32, patch_size=8, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2
+        )
+        model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+        processor = CLIPProcessor(
+            image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+            tokenizer=tokenizer,
+        )
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+    return out
+
+
+class ColourTestScorer:
+    """A curate-stage scorer with exact, predictable scores: ``curate.scorer=synth.testkit:ColourTestScorer``.
+
+    An image's embedding is its mean colour, centred on grey and L2-normalised (3 numbers); a
+    class's text embedding is its :func:`class_pattern_image` palette colour, treated the same
+    way. So a class-pattern image is most similar to its own class, and two images of one class
+    are near-duplicates. It loads no model.
+    """
+
+    needs_model = False
+    logit_scale = 10.0
+
+    @classmethod
+    def model_name(cls, cfg) -> str:
+        return cfg.scorer
+
+    def __init__(self, cfg, classes: Sequence[str]):
+        self.text = _unit(np.stack([_PALETTE[k % len(_PALETTE)] for k in range(len(classes))]) - 127.5)  # (K, 3)
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        means = np.stack([img.reshape(-1, 3).mean(axis=0) for img in images]) - 127.5  # (B, 3)
+        return _unit(means).astype(np.float32)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 USAGE = """usage:
   python -m synth.testkit tiny-sd <folder>                     random-weight tiny Stable Diffusion pipeline
   python -m synth.testkit tiny-sd-inpaint <folder>             ... its inpainting variant (9-channel UNet)
   python -m synth.testkit tiny-kandinsky <folder>              ... Kandinsky 2.2 prior + decoder (<folder>/prior, <folder>/decoder)
   python -m synth.testkit tiny-unclip <folder>                 ... UnCLIP (Karlo's architecture)
+  python -m synth.testkit tiny-clip <folder>                   random-weight tiny CLIP (model + processor) for curate
   python -m synth.testkit cifar10-fixture <folder> [TRAIN TEST] class-aware CIFAR-10 python-format fixture
   python -m synth.testkit photo-folder <folder> CLASS [CLASS ...]  class-aware stand-in photos: <folder>/{train,test}/<class>/
 """
@@ -679,6 +742,10 @@ def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "tiny-unclip":
         folder = build_tiny_random_unclip(argv[1])
         print(f"tiny random-weight UnCLIP pipeline written to {folder}")
+        return 0
+    if len(argv) == 2 and argv[0] == "tiny-clip":
+        folder = build_tiny_random_clip(argv[1])
+        print(f"tiny random-weight CLIP written to {folder}")
         return 0
     if len(argv) >= 3 and argv[0] == "photo-folder":
         folder = write_image_folder_fixture(argv[1], argv[2:], per_class=6, splits=("train",), size=64)

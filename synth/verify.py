@@ -8,6 +8,7 @@ should exist is looked for and checked:
   of this plan (:func:`synth.imagejob.scan_shards`); stray names are reported; the manifest
   lists exactly the shards' images;
 - derive: the same for the children planned from the stored parent table;
+- curate: the same for its score shards, planned from the image manifests; ``scores.parquet`` is readable;
 - dataset: every split is readable, holds the number of images its summary says, no id is in
   two splits of a domain, and every synthetic id is in the generate or derive manifest;
 - train: every cell of ``train.experiments x train.seeds`` has a valid ``metrics.json`` made with
@@ -33,7 +34,7 @@ from synth.progress import plural, say
 from synth.storage import Layout, Storage, quarantine
 
 MISSING, CORRUPT, FOREIGN, EXTRA = "missing", "corrupt", "foreign", "extra"
-STAGES = ("prompts", "generate", "derive", "dataset", "train", "tune")
+STAGES = ("prompts", "generate", "derive", "curate", "dataset", "train", "tune")
 
 
 @dataclass
@@ -121,16 +122,50 @@ def check_derive(cfg: Config, storage: Storage) -> StageCheck:
     return check
 
 
+def check_curate(cfg: Config, storage: Storage) -> StageCheck:
+    from synth.config import ConfigError
+    from synth.curate import SCORE_COLUMNS, SHARD_KEEP, candidate_rows, plan_for, scorer_class, scores_key
+    from synth.imagejob import cut_shards
+
+    layout = Layout(cfg.run)
+    check = StageCheck("curate", ran=_image_job_started(storage, layout, "curate"))
+    if not check.ran:
+        return check
+    try:
+        rows, plans = candidate_rows(cfg, storage)
+    except ConfigError as exc:
+        check.findings.append(Finding(MISSING, layout.manifest("generate"), str(exc), repairable=False))
+        return check
+    plan = plan_for(cfg, rows, plans, scorer_class(cfg.curate.scorer).model_name(cfg.curate))
+    shards = cut_shards(rows, cfg.curate.shard_size)
+    check = _check_image_job(check, storage, layout, plan, shards, columns=SCORE_COLUMNS, keep=SHARD_KEEP)
+    check.checked += 1
+    try:
+        storage.read_parquet(scores_key(cfg.run), columns=["id"])
+    except FileNotFoundError:
+        check.findings.append(Finding(MISSING, scores_key(cfg.run)))
+    except Exception as exc:
+        check.findings.append(Finding(CORRUPT, scores_key(cfg.run), f"unreadable ({type(exc).__name__})"))
+    return check
+
+
 def _image_job_started(storage: Storage, layout: Layout, stage: str) -> bool:
     return storage.exists(layout.plan(stage)) or bool(storage.list(layout.shards(stage)))
 
 
-def _check_image_job(check: StageCheck, storage: Storage, layout: Layout, plan: dict, shards: list[list[dict]]) -> StageCheck:
-    """Plan, shards and manifest of one image job (generate or derive) against the plan this config makes."""
+def _check_image_job(
+    check: StageCheck, storage: Storage, layout: Layout, plan: dict, shards: list[list[dict]], columns=None, keep=None
+) -> StageCheck:
+    """Plan, shards and manifest of one shard job (generate, derive, curate) against the plan this config makes.
+
+    ``columns`` / ``keep``: what a shard stores and what the manifest lists (image shards by default).
+    """
     import pyarrow as pa
 
     from synth.imagejob import scan_shards
-    from synth.shards import MANIFEST_COLUMNS, plan_sha256
+    from synth.shards import MANIFEST_COLUMNS, SHARD_COLUMNS, plan_sha256
+
+    columns, keep = columns or SHARD_COLUMNS, keep or MANIFEST_COLUMNS
 
     stage = check.stage
     stored_plan = storage.read_json_or_none(layout.plan(stage))
@@ -141,14 +176,15 @@ def _check_image_job(check: StageCheck, storage: Storage, layout: Layout, plan: 
         reason = f"the run was made under another plan (differs in {', '.join(changed)}); verify with the config that made it"
         check.findings.append(Finding(FOREIGN, layout.plan(stage), reason, repairable=False))
         return check
-    scan = scan_shards(storage, layout, [[r["id"] for r in rows] for rows in shards], plan_sha256(plan), stage=stage)
+    ids = [[r["id"] for r in rows] for rows in shards]
+    scan = scan_shards(storage, layout, ids, plan_sha256(plan), stage=stage, columns=columns, keep=keep)
     check.checked = len(shards) + len(scan.stray) + 1
     check.findings += [Finding(MISSING, layout.shard(stage, k)) for k in scan.missing]
     check.findings += [Finding(CORRUPT, layout.shard(stage, k), why) for k, why in sorted(scan.corrupt.items())]
     check.findings += [Finding(FOREIGN, layout.shard(stage, k), why) for k, why in sorted(scan.foreign.items())]
     check.findings += [Finding(EXTRA, key, "no plan writes this name; left alone") for key in scan.stray]
     try:
-        manifest = storage.read_parquet(layout.manifest(stage), columns=MANIFEST_COLUMNS)
+        manifest = storage.read_parquet(layout.manifest(stage), columns=list(keep))
     except FileNotFoundError:
         check.findings.append(Finding(MISSING, layout.manifest(stage)))
     except Exception as exc:
@@ -290,6 +326,7 @@ CHECKS: dict[str, Callable[[Config, Storage], StageCheck]] = {
     "prompts": check_prompts,
     "generate": check_generate,
     "derive": check_derive,
+    "curate": check_curate,
     "dataset": check_dataset,
     "train": check_train,
     "tune": check_tune,
@@ -301,6 +338,7 @@ RUNNERS = {
     "prompts": "synth.prompts:run_prompts",
     "generate": "synth.generate:run_generate",
     "derive": "synth.derive:run_derive",
+    "curate": "synth.curate:run_curate",
     "dataset": "synth.dataset:run_dataset",
     "train": "synth.train:run_train",
     "tune": "synth.tune:run_tune",

@@ -32,11 +32,12 @@ RAY_INTERNALS = re.compile(
 
 def fresh_directory(tmp_path: Path) -> Path:
     """A working directory holding what `make setup` leaves: configs/ and the .cache test models."""
-    from synth.testkit import build_tiny_random_sd_pipeline, write_cifar10_fixture
+    from synth.testkit import build_tiny_random_clip, build_tiny_random_sd_pipeline, write_cifar10_fixture
 
     work = tmp_path / "work"
     shutil.copytree(REPO / "configs", work / "configs")
     build_tiny_random_sd_pipeline(work / ".cache" / "models" / "tiny-sd")
+    build_tiny_random_clip(work / ".cache" / "models" / "tiny-clip")
     write_cifar10_fixture(work / ".cache" / "data" / "cifar10-fixture", per_class_train=40, per_class_test=10)
     return work
 

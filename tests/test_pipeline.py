@@ -24,6 +24,7 @@ def test_class_aware_chain_transfers_from_synthetic_to_real(tmp_path, ray_local)
             f"dataset.real_path={real}",
             "generate.generator=synth.testkit:ClassAwareTestGenerator",
             "derive.generator=synth.testkit:ClassAwareTestDeriver",  # children keep their parents' classes
+            "curate.scorer=synth.testkit:ColourTestScorer",  # exact scores; no CLIP to build
             "train.experiments=[synthetic,real]",
             "train.test_domains=[real,synthetic]",
         ],
@@ -52,7 +53,7 @@ def test_class_aware_chain_transfers_from_synthetic_to_real(tmp_path, ray_local)
 
     clean = run_verify(cfg, storage)
     ran = {stage for stage, s in clean["stages"].items() if s["ran"]}
-    assert clean["problems"] == 0 and ran == {"prompts", "generate", "derive", "dataset", "train", "tune"}, clean["stages"]
+    assert clean["problems"] == 0 and ran == {"prompts", "generate", "derive", "curate", "dataset", "train", "tune"}, clean["stages"]
     layout, out = Layout("smoke"), tmp_path / "out"
     (out / layout.dataset_split("synthetic", "test")).write_bytes(b"not parquet")
     (out / layout.train_metrics("train-real", 0)).write_text("{ truncated")
