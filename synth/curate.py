@@ -57,6 +57,7 @@ from synth.shards import META_CONTENT, META_PLAN, META_SHARD, check_shard, conte
 from synth.storage import TRANSIENT_MARK, Layout, Storage, StorageError, parquet_bytes, quarantine
 
 STAGE = "curate"
+HOSTILE = "hostile"  # the prompts stage's technique for images that imitate a class without being it
 IMAGE_STAGES = ("generate", "derive")  # synth.dataset.IMAGE_STAGES; kept here so curate does not import the dataset stage
 REASONS = ("similarity", "probability", "duplicate", "top")  # in the order the rules are applied
 WRITTEN, PRESENT, BAD = "written", "present", "bad"
@@ -87,12 +88,19 @@ def scores_key(run: str) -> str:
     return f"{Layout(run).stage(STAGE)}/scores.parquet"
 
 
-def read_scores(storage: Storage, run: str) -> Optional[pa.Table]:
-    """``<run>/curate/scores.parquet`` (:data:`SCORES_SCHEMA`, sorted by id), or None when curate has not run."""
+def read_scores(storage: Storage, run: str, columns: Optional[list[str]] = None) -> Optional[pa.Table]:
+    """``<run>/curate/scores.parquet`` (:data:`SCORES_SCHEMA`, sorted by id; only ``columns`` if given, the
+    others not decoded), or None when curate has not run."""
+    key = scores_key(run)
     try:
-        return storage.read_parquet(scores_key(run))
+        data = storage.read_bytes(key)
     except FileNotFoundError:
         return None
+    stored = pq.ParquetFile(io.BytesIO(data))
+    missing = [c for c in columns or () if c not in stored.schema_arrow.names]
+    if missing:
+        raise ConfigError(f"{storage.uri(key)} lacks the columns {missing} (made by an older synth). Fix: rerun the curate stage")
+    return stored.read(columns=columns)
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,11 +572,22 @@ def curate_scores(cfg: Config, storage: Storage, manifest: pa.Table) -> dict:
         parts = [storage.read_parquet(layout.shard(STAGE, k), columns=columns) for k in shards_of[class_name]]
         table = pa.concat_tables(parts)
         table = table.filter(pc.equal(table.column("class_name"), class_name))
+        # Hostile examples (they imitate the class, they are not it) are ranked and filtered among
+        # themselves, so they never take a place in the class's quotas.
+        hostile = pc.equal(table.column("technique"), HOSTILE)
+        table = pa.concat_tables([table.filter(pc.invert(hostile)), table.filter(hostile)])
+        n_own = table.num_rows - pc.sum(hostile).as_py() if table.num_rows else 0
         ids = table.column("id").to_pylist()
         emb = _embeddings(table.column("embedding"))
-        v = filter_class(ids, table.column("similarity").to_numpy(), table.column("prob_own").to_numpy(), emb, rules, len(classes))
+        similarity, prob_own = table.column("similarity").to_numpy(), table.column("prob_own").to_numpy()
+        v = filter_class(ids[:n_own], similarity[:n_own], prob_own[:n_own], emb[:n_own], rules, len(classes))
         for image_id, r, a, why in zip(ids, v.rank.tolist(), v.accepted.tolist(), v.reason):
             verdict[image_id] = (r, a, why)
+        if n_own < len(ids):
+            h = filter_class(ids[n_own:], similarity[n_own:], prob_own[n_own:], emb[n_own:], rules, len(classes))
+            for image_id, r, a, why in zip(ids[n_own:], h.rank.tolist(), h.accepted.tolist(), h.reason):
+                verdict[image_id] = (r, a, why)
+        emb, table = emb[:n_own], table.slice(0, n_own)
         reasons = {name: v.reason.count(name) for name in REASONS}
         per_class[class_name] = {"scored": len(ids), "accepted": int(v.accepted.sum()), "rejected": int((~v.accepted).sum()),
                                  "rejected_by": reasons, "rescued": v.rescued}  # fmt: skip

@@ -44,10 +44,10 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from synth.config import Config, class_slug
+from synth.curate import read_scores, scores_key
 from synth.storage import Layout, Storage
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,6 @@ class ReviewError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def scores_key(run: str) -> str:
-    return f"{Layout(run).stage('curate')}/scores.parquet"
-
-
 def decisions_prefix(run: str) -> str:
     return f"{Layout(run).stage('curate')}/decisions"
 
@@ -96,22 +92,6 @@ def decisions_prefix(run: str) -> str:
 def queue_key(run: str, order: str, ext: str) -> str:
     """``<run>/curate/review/queue-<order>.<parquet|html>``."""
     return f"{Layout(run).stage('curate')}/review/queue-{order}.{ext}"
-
-
-def read_scores(storage: Storage, run: str, columns: Optional[list[str]] = None) -> Optional[pa.Table]:
-    """The curate stage's scores (only ``columns`` if given, the others not decoded), or None when curate has not run."""
-    key = scores_key(run)
-    try:
-        data = storage.read_bytes(key)
-    except FileNotFoundError:
-        return None
-    stored = pq.ParquetFile(io.BytesIO(data))
-    missing = [c for c in columns or () if c not in stored.schema_arrow.names]
-    if missing:
-        raise ReviewError(
-            f"{storage.uri(key)} lacks the columns {missing} (made by an older synth). Fix: rerun the curate stage"
-        )
-    return stored.read(columns=columns)
 
 
 def _require_scores(storage: Storage, run: str, columns: Optional[list[str]] = None) -> pa.Table:
