@@ -17,6 +17,19 @@ from synth.config import Config, derive_enabled
 from synth.progress import say
 from synth.storage import Storage
 
+REVIEW_PER_CLASS = 100  # the pipeline's review queue: enough for a first look, small enough for one page
+
+
+def review_queue(cfg: Config, storage: Storage) -> dict:
+    """After curate: the review queue (lowest CLIP scores first, near-duplicates skipped) for a person
+    to look at; decisions recorded with ``ray_jobs.review ... decide`` reach the next dataset run."""
+    from synth.review import write_queue
+
+    start = time.perf_counter()
+    out = write_queue(storage, cfg.run, list(cfg.prompts.classes), order="diverse", per_class=REVIEW_PER_CLASS)
+    say("review", f"{out['images']:,} images to review first (lowest CLIP scores, near-duplicates skipped) -> {out['html']}; "
+        "record decisions with: python -m ray_jobs.review <config> decide --reviewer NAME ID accept|reject|relabel CLASS")  # fmt: skip
+    return {**out, "wall_seconds": round(time.perf_counter() - start, 3)}
 
 
 def run_pipeline(cfg: Config, storage: Optional[Storage] = None) -> dict:
@@ -33,7 +46,7 @@ def run_pipeline(cfg: Config, storage: Optional[Storage] = None) -> dict:
     storage.check_writable()
     stages = [("prompts", run_prompts), ("generate", run_generate)] if cfg.generate.enabled else []
     stages += [("derive", run_derive)] if derive_enabled(cfg.derive) else []
-    stages += [("curate", run_curate)] if cfg.curate.enabled else []
+    stages += [("curate", run_curate), ("review", review_queue)] if cfg.curate.enabled else []
     stages += [("dataset", run_dataset), ("train", run_train), ("tune", run_tune), ("report", run_report)]
     say("pipeline", f"run {cfg.run!r}: {' -> '.join(name for name, _ in stages)}, into {storage.uri(cfg.run)}")
     summaries: dict[str, dict] = {}
