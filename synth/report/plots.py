@@ -237,8 +237,8 @@ def plot_ablation(ablation: dict) -> bytes:
         means = [100.0 * r[key]["mean"] if r[key] else 0.0 for r in rows]
         stds = [100.0 * r[key]["std"] if r[key] and r[key]["n"] > 1 else 0.0 for r in rows]
         ax.bar(x, means, yerr=stds, color=colours, capsize=4)
-        for xi, r, m in zip(x, rows, means):
-            ax.text(xi, m + 1, pct(r[key]["mean"]) if r[key] else "—", ha="center", va="bottom", fontsize=8)
+        for xi, r, m, s in zip(x, rows, means, stds):
+            ax.text(xi, m + s + 1, pct(r[key]["mean"]) if r[key] else "—", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(x, labels, rotation=30, ha="right")
         ax.set_ylim(0, 105)
         ax.set_ylabel("%")
