@@ -27,10 +27,10 @@ from synth.config import load_config, to_dict
 from synth.model import ArchitectureMismatchError, architecture, build_model, load_model
 from synth.recipe import STATE_FILE, Budget, budget, classification_metrics, flip_and_crop, lr_factor, predict, restore_state
 from synth.records import TrainMetrics
-from synth.splits import Split, SplitCache, mix, needed_splits, read_split
+from synth.splits import Split, SplitCache, ablation_draw, mix, needed_splits, read_split, resolve_synthetic_source
 from synth.storage import Layout, Storage
-from synth.testkit import write_class_aware_dataset
-from synth.train import run_train, train_experiment
+from synth.testkit import class_pattern_image, tag_dataset_split, write_class_aware_dataset, write_dataset_split
+from synth.train import ablation_train_set, plan_ablation, run_train, train_experiment
 
 PER_CLASS = {"train": 32, "val": 8, "test": 16}
 # Width 1/8 (33k parameters), 3 steps per epoch, 8 epochs: seconds on a CPU, >90% accuracy.
@@ -331,10 +331,6 @@ def test_killed_driver_resumes_from_last_checkpoint(matrix, root, ray_cluster, f
 
 
 # -- issue 12: curated reads, the adversarial domain, the ablation cells -----------------------
-
-from synth.splits import ablation_draw, resolve_synthetic_source  # noqa: E402
-from synth.testkit import class_pattern_image, tag_dataset_split, write_dataset_split  # noqa: E402
-from synth.train import ablation_train_set, plan_ablation  # noqa: E402
 
 
 def tag_synthetic(storage: Storage, run: str, accepted_of, technique_of=lambda y, i: ("vanilla", "domain")[i % 2]) -> None:
