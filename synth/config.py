@@ -245,10 +245,22 @@ class DatasetConfig:
     # Synthetic images of these techniques only (text-to-image: template, adversarial; from parent
     # images: variation, fusion, inpainting); None: every technique the generate and derive stages made.
     techniques: Optional[List[str]] = None
-    # Which synthetic images the train and tune stages read: curated (the curate stage's accepted
-    # images, after review decisions), all, or auto (curated when the curate stage has run). The
-    # splits always hold every image with its verdict, so curated and uncurated sets compare.
+    # Which synthetic train/val images the train and tune stages read: all | curated (the curate
+    # stage's accepted ones) | auto (curated when the curate stage has judged them, else all).
     synthetic_source: str = "auto"
+
+
+@dataclass
+class TrainAblationConfig:
+    # What each technique buys: one cell per technique, trained only on that technique's synthetic
+    # train images. null: off; [all]: every technique in the synthetic train split (hostile never);
+    # or a list of names from TRAIN_TECHNIQUES.
+    techniques: Optional[List[str]] = None
+    # With / without the CLIP filter: ablate-curated (accepted images) vs ablate-uncurated (as many
+    # images per class drawn from all of them). Needs the curate stage's verdicts.
+    curation: bool = False
+    # Images per class in every ablation cell; null: the smallest per-class count of the compared sets.
+    images_per_class: Optional[int] = None
 
 
 @dataclass
@@ -256,7 +268,8 @@ class TrainConfig:
     # Which cells of the train-domain x test-domain matrix to run, and how often.
     # Train domains: real | synthetic | mixture; each model is tested on every test domain.
     experiments: List[str] = field(default_factory=lambda: ["real", "synthetic", "mixture"])
-    test_domains: List[str] = field(default_factory=lambda: ["real", "synthetic", "mixture"])
+    # adversarial: the hostile images (accuracy there is the fooling rate), skipped with a warning when the run has none.
+    test_domains: List[str] = field(default_factory=lambda: ["real", "synthetic", "mixture", "adversarial"])
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     # Share of synthetic images in the mixture's training set. Its size is fixed at
     # min(real train, synthetic train) images, so every fraction trains on as many images.
@@ -293,6 +306,8 @@ class TrainConfig:
     # many images, an evenly spaced subset; null: the whole split. The final scores always use
     # the whole validation split with the full test-time augmentation.
     epoch_val_images: Optional[int] = None
+    # Ablation cells (same seeds, network, recipe and steps as every cell); off by default.
+    ablation: TrainAblationConfig = field(default_factory=TrainAblationConfig)
 
 
 @dataclass
@@ -678,7 +693,7 @@ def validate(cfg: Config) -> None:
     _validate_dataset(cfg)
 
     t = cfg.train
-    train_domains, test_domains = ("real", "synthetic", "mixture"), ("real", "synthetic", "mixture")
+    train_domains, test_domains = ("real", "synthetic", "mixture"), TEST_DOMAINS
     _require(
         len(t.experiments) > 0 and len(set(t.experiments)) == len(t.experiments) and set(t.experiments) <= set(train_domains),
         "train.experiments",
@@ -691,6 +706,7 @@ def validate(cfg: Config) -> None:
         t.test_domains,
         f"give distinct test domains from {list(test_domains)}, e.g. train.test_domains=[real]",
     )
+    _validate_ablation(t.ablation)
     _require(
         len(t.seeds) > 0 and len(set(t.seeds)) == len(t.seeds) and all(0 <= s < 2**31 for s in t.seeds),
         "train.seeds",
@@ -889,6 +905,12 @@ def _validate_dataset(cfg: Config) -> None:
         f"give distinct domains from {list(DATASET_DOMAINS)}, e.g. dataset.domains=[real]",
     )
     _require(
+        d.synthetic_source in SYNTHETIC_SOURCES,
+        "dataset.synthetic_source",
+        d.synthetic_source,
+        f"choose one of {', '.join(SYNTHETIC_SOURCES)} (curated needs the curate stage's verdicts)",
+    )
+    _require(
         d.techniques is None
         or (len(d.techniques) > 0 and len(set(d.techniques)) == len(d.techniques) and set(d.techniques) <= set(TECHNIQUES)),
         "dataset.techniques",
@@ -896,15 +918,35 @@ def _validate_dataset(cfg: Config) -> None:
         f"give distinct techniques from {list(TECHNIQUES)}, e.g. dataset.techniques=[template,variation], "
         "or null for every technique",
     )
+
+
+# Issue 12 (the ablation and the curated read side). The prompts change renames the text-to-image
+# techniques (template -> environment, adversarial -> hard) and adds these; hostile images are a
+# test domain, never training data.
+TRAIN_TECHNIQUES = ("vanilla", "environment", "domain", "hard", "llm", *DERIVE_TECHNIQUES)
+SYNTHETIC_SOURCES = ("auto", "all", "curated")
+# Test domains: adversarial (hostile images) is skipped with a warning when a run made none.
+TEST_DOMAINS = ("real", "synthetic", "mixture", "adversarial")
+
+
+def _validate_ablation(a: TrainAblationConfig) -> None:
     _require(
-        d.synthetic_source in SYNTHETIC_SOURCES,
-        "dataset.synthetic_source",
-        d.synthetic_source,
-        f"choose one of {', '.join(SYNTHETIC_SOURCES)} (auto: curated when the curate stage has run)",
+        a.techniques is None
+        or a.techniques == ["all"]
+        or (len(a.techniques) > 0 and len(set(a.techniques)) == len(a.techniques) and set(a.techniques) <= set(TRAIN_TECHNIQUES)),
+        "train.ablation.techniques",
+        a.techniques,
+        f"give [all], distinct techniques from {list(TRAIN_TECHNIQUES)} (e.g. train.ablation.techniques=[vanilla,domain]), "
+        "or null for no technique cells",
+    )
+    _require(
+        a.images_per_class is None or a.images_per_class >= 1,
+        "train.ablation.images_per_class",
+        a.images_per_class,
+        "must be at least 1, or null for the smallest per-class count of the compared sets",
     )
 
 
-SYNTHETIC_SOURCES = ("auto", "all", "curated")
 TUNE_MODES = ("fixed_budget", "augment")
 
 

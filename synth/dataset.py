@@ -971,8 +971,9 @@ def run_dataset(cfg: Config, storage: Optional[Storage] = None) -> dict:
 
 def load_split_table(storage: Storage, run: str, domain: str, split: str) -> pa.Table:
     """The stored table of one split (columns as in :data:`SCHEMA`)."""
-    if domain not in DOMAINS:
-        raise ConfigError(f"domain {domain!r} is unknown; choose one of {', '.join(DOMAINS)}")
+    readable = (*DOMAINS, *(d for d in ("adversarial",) if d not in DOMAINS))  # adversarial: hostile images, test only
+    if domain not in readable:
+        raise ConfigError(f"domain {domain!r} is unknown; choose one of {', '.join(readable)}")
     if split not in SPLITS:
         raise ConfigError(f"split {split!r} is unknown; choose one of {', '.join(SPLITS)}")
     key = Layout(run).dataset_split(domain, split)

@@ -507,8 +507,8 @@ class Run:
 # retries, the evaluation batch. Everything else of train.* is the recipe.
 NOT_RECIPE = (
     "experiments", "test_domains", "seeds", "mixture_synthetic_fraction", "num_workers", "cpus_per_worker", "use_gpu",
-    "max_failures", "eval_batch_size",
-)  # fmt: skip
+    "max_failures", "eval_batch_size", "ablation",
+)  # fmt: skip  # ablation picks cells (its cells hash their own selection), like experiments
 
 
 def result_hash(cfg: Config, **what: Any) -> str:

@@ -98,6 +98,12 @@ class TrainMetrics:
     resumed_from_epochs: list[int] = field(default_factory=list)  # the epoch of each checkpoint the model was restored from
     epochs_recomputed: int = 0  # finished epochs trained again after a worker restart (this driver's count)
     device: str = "cpu"
+    # Which synthetic train images were read: "all" or "curated" (dataset.synthetic_source resolved);
+    # None for a model trained on real images only.
+    synthetic_source: Optional[str] = None
+    # Ablation cells only: {"selection": "technique:<t>" | "curated" | "uncurated", "technique",
+    # "curated", "images_per_class", "validation"}; None for the train-domain matrix's cells.
+    ablation: Optional[dict] = None
 
     def to_json(self) -> dict:
         return asdict(self)

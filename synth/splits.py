@@ -15,22 +15,38 @@ The mixing rule, decided once:
   training noise (what a user who draws their own mix would see); for one seed the images at
   f = 0.3 are a subset of those at f = 0.4, so neighbouring fractions compare like with like.
 - **Order**: the chosen images, shuffled together with the same generator.
+
+Curation (issue 12): synthetic split tables carry ``technique`` and ``accepted`` (the curate
+stage's verdict after review; null before curate ran, and for real images).
+``dataset.synthetic_source`` (auto | all | curated) decides whether the synthetic *train and
+val* splits are read with ``accepted_only`` (:func:`resolve_synthetic_source`). Test splits are
+never filtered: every model, curated or not, is scored on the same test images.
+
+The ablation (:func:`ablation_draw`): per class, a seeded prefix of ``images_per_class`` images
+of one selection (a technique, the accepted images, or all of them), so every ablation cell
+trains on as many images per class.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 
-from synth.config import TUNE_MODES
+from synth.config import SYNTHETIC_SOURCES, TUNE_MODES
 from synth.storage import Layout, Storage
 
 MIX_SALT = 0x5EED  # keeps the draw of a mix apart from the training randomness of the same seed
 # Test domains scored as the union of others' test splits (the mixture's train and val sets
 # are drawn by mix(); its test set is the union).
 UNIONS = {"mixture": ("real", "synthetic")}
+# Test domains that a run may lack (no hostile images made): listed but absent -> skipped with a warning.
+OPTIONAL_TEST_DOMAINS = ("adversarial",)
+ABLATION_SALT = 0xAB1A  # keeps an ablation cell's draw apart from mix()'s draw of the same seed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,12 +54,29 @@ class Split:
     images: np.ndarray  # (N, H, W, 3) uint8
     labels: np.ndarray  # (N,) int64, indexing the config's classes
     ids: np.ndarray  # (N,) str: the dataset's image ids
+    techniques: Optional[np.ndarray] = None  # (N,) str: how each image was made; "" for real images
+    accepted: Optional[np.ndarray] = None  # (N,) object: True / False / None (curate has not judged it)
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        if self.techniques is None:
+            self.techniques = np.full(n, "", dtype=object)
+        if self.accepted is None:
+            self.accepted = np.full(n, None, dtype=object)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, index: np.ndarray) -> "Split":
-        return Split(self.images[index], self.labels[index], self.ids[index])
+        return Split(self.images[index], self.labels[index], self.ids[index], self.techniques[index], self.accepted[index])
+
+    def judged(self) -> bool:
+        """Whether the curate stage has given any verdict on this split's images."""
+        return any(a is not None for a in self.accepted)
+
+    def accepted_only(self) -> "Split":
+        """The rows whose verdict is True (null and False are dropped)."""
+        return self.take(np.flatnonzero(np.array([a is True for a in self.accepted], dtype=bool)))
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         return self.images, self.labels
@@ -60,15 +93,22 @@ def concat(*splits: Split) -> Split:
         np.concatenate([s.images for s in splits]),
         np.concatenate([s.labels for s in splits]),
         np.concatenate([s.ids for s in splits]),
+        np.concatenate([s.techniques for s in splits]),
+        np.concatenate([s.accepted for s in splits]),
     )
 
 
-def read_split(storage: Storage, run: str, domain: str, split: str, classes: list[str]) -> Split:
+def read_split(
+    storage: Storage, run: str, domain: str, split: str, classes: list[str], accepted_only: bool = False,
+    images: bool = True,
+) -> Split:  # fmt: skip
     """One stored split (``<run>/dataset/<domain>/<split>.parquet``) as arrays.
 
     The dataset stage has already dropped (and counted) undecodable images. This also checks that
     every row's ``class_name`` is ``classes[label]``: a mismatch means the dataset was built for
-    another class list, and training on it would be silently wrong.
+    another class list, and training on it would be silently wrong. ``accepted_only`` keeps the
+    rows whose ``accepted`` is true (tables written before curation existed have none).
+    ``images=False`` skips decoding: ``images`` is then (N, 0, 0, 3), for planning which rows to use.
     """
     from synth.dataset import decode_images, load_split_table
     from synth.recipe import MIN_IMAGE_SIZE
@@ -83,10 +123,80 @@ def read_split(storage: Storage, run: str, domain: str, split: str, classes: lis
             f"{where}: {len(bad)} rows have labels that do not match prompts.classes={classes} "
             f"(first: label {bad[0][0]}, class_name {bad[0][1]!r}). Fix: rebuild the dataset with this class list"
         )
+    if accepted_only:
+        keep = np.array([a is True for a in _accepted_column(table)], dtype=bool)
+        table, labels = table.filter(keep), labels[keep]
+    if not images:
+        return Split(
+            np.zeros((len(labels), 0, 0, 3), np.uint8), labels, np.asarray(table.column("id").to_pylist(), dtype=object),
+            _techniques_column(table), np.asarray(_accepted_column(table), dtype=object),
+        )  # fmt: skip
     images = decode_images(table)  # (N, S, S, 3) uint8
     if len(images) and images.shape[1] < MIN_IMAGE_SIZE:
         raise ValueError(f"{where}: images are {images.shape[1]} px; the CNN needs at least {MIN_IMAGE_SIZE}")
-    return Split(images, labels, np.asarray(table.column("id").to_pylist(), dtype=object))
+    return Split(
+        images, labels, np.asarray(table.column("id").to_pylist(), dtype=object),
+        _techniques_column(table), np.asarray(_accepted_column(table), dtype=object),
+    )  # fmt: skip
+
+
+def _techniques_column(table) -> np.ndarray:
+    """How each image was made; "" for real images and tables written before the column existed."""
+    if "technique" not in table.column_names:
+        return np.full(table.num_rows, "", dtype=object)
+    return np.asarray([t or "" for t in table.column("technique").to_pylist()], dtype=object)
+
+
+def _accepted_column(table) -> list:
+    """The ``accepted`` verdicts (True / False / None); all None for a table written before curation."""
+    if "accepted" not in table.column_names:
+        return [None] * table.num_rows
+    return [None if a is None else bool(a) for a in table.column("accepted").to_pylist()]
+
+
+def resolve_synthetic_source(setting: str, storage: Storage, run: str) -> str:
+    """``dataset.synthetic_source`` as the train and tune stages apply it: "all" or "curated".
+
+    auto: curated when the synthetic train split holds any curate verdict, else all. curated
+    without verdicts is an error naming the fix. Reads only the ``accepted`` column.
+    """
+    if setting not in SYNTHETIC_SOURCES:
+        raise ValueError(f"dataset.synthetic_source={setting!r} is unknown; choose one of {', '.join(SYNTHETIC_SOURCES)}")
+    if setting == "all":
+        return "all"
+    key = Layout(run).dataset_split("synthetic", "train")
+    judged = False
+    if storage.exists(key):
+        import io
+
+        import pyarrow.parquet as pq
+
+        stored = pq.ParquetFile(io.BytesIO(storage.read_bytes(key)))
+        if "accepted" in stored.schema_arrow.names:  # read that column only, not the images
+            judged = stored.read(columns=["accepted"]).column("accepted").null_count < stored.metadata.num_rows
+    if setting == "curated" and not judged:
+        raise ValueError(
+            f"dataset.synthetic_source=curated, but {storage.uri(key)} holds no curate verdicts (its accepted column is "
+            "empty or missing). Fix: run the curate stage and then the dataset stage (python -m ray_jobs.curate <config>; "
+            "python -m ray_jobs.dataset <config>), or set dataset.synthetic_source=all"
+        )
+    return "curated" if judged else "all"
+
+
+def present_test_domains(storage: Storage, run: str, test_domains: Iterable[str], stage: str = "train") -> list[str]:
+    """``test_domains`` less the optional ones (adversarial) this run has no test images for, each with a warning."""
+    from synth.progress import say
+
+    out = []
+    for d in test_domains:
+        if d in OPTIONAL_TEST_DOMAINS:
+            key = Layout(run).dataset_split(d, "test")
+            if not storage.exists(key) or storage.read_parquet(key, columns=["id"]).num_rows == 0:
+                say(stage, f"warning: test domain {d!r} skipped: {storage.uri(key)} has no images "
+                    "(make hostile examples with the prompts stage to measure the fooling rate)")  # fmt: skip
+                continue
+        out.append(d)
+    return out
 
 
 def composition(n_real: int, n_synthetic: int, fraction: float, mode: str = "fixed_budget") -> tuple[int, int]:
@@ -118,20 +228,58 @@ def mix(real: Split, synthetic: Split, fraction: float, seed: int, mode: str = "
     return mixed.take(rng.permutation(len(mixed)))
 
 
+def ablation_draw(pool: Split, num_classes: int, images_per_class: int, seed: int, name: str = "the pool") -> Split:
+    """``images_per_class`` images of every class from ``pool``: seeded per-class prefixes, shuffled together.
+
+    The permutation depends on the training seed (as in :func:`mix`), so the spread over seeds
+    covers the draw as well as the training noise. Raises naming the fix when a class is short.
+    """
+    rng = np.random.default_rng([ABLATION_SALT, seed])
+    chosen = []
+    for label in range(num_classes):
+        rows = np.flatnonzero(pool.labels == label)
+        if len(rows) < images_per_class:
+            raise ValueError(
+                f"{name} has {len(rows)} synthetic train images of class {label}, fewer than the {images_per_class} per class "
+                "every ablation cell trains on. Fix: lower train.ablation.images_per_class (or set it to null for the "
+                "smallest available count), drop that technique from train.ablation.techniques, or make more images"
+            )
+        chosen.append(rows[rng.permutation(len(rows))[:images_per_class]])
+    index = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
+    return pool.take(index[rng.permutation(len(index))])
+
+
+def class_counts(split: Split, num_classes: int) -> list[int]:
+    return np.bincount(split.labels, minlength=num_classes).astype(int).tolist()
+
+
 @dataclass
 class SplitCache:
-    """The splits a stage reads, decoded once and shared by all its models."""
+    """The splits a stage reads, decoded once and shared by all its models.
+
+    ``synthetic_source`` is the resolved ``dataset.synthetic_source`` (all | curated):
+    :meth:`selected` (and so :meth:`train_val`) keeps the accepted synthetic train and val images
+    when it is curated; :meth:`get` always returns the whole stored split.
+    """
 
     storage: Storage
     run: str
     classes: list[str]
     splits: dict[str, Split] = field(default_factory=dict)  # "real/train", "synthetic/test", ...
+    synthetic_source: str = "all"
 
     def get(self, domain: str, split: str) -> Split:
         key = f"{domain}/{split}"
         if key not in self.splits:
             self.splits[key] = read_split(self.storage, self.run, domain, split, self.classes)
         return self.splits[key]
+
+    def selected(self, domain: str, split: str) -> Split:
+        """A split as training reads it: the synthetic train/val images curated when the source is curated."""
+        whole = self.get(domain, split)
+        if domain == "synthetic" and split in ("train", "val") and self.synthetic_source == "curated":
+            return whole.accepted_only()
+        return whole
 
     def load(self, pairs: Iterable[tuple[str, str]]) -> "SplitCache":
         for domain, split in sorted(set(pairs)):
@@ -141,13 +289,17 @@ class SplitCache:
     def train_val(self, train_domain: str, fraction: float, seed: int) -> tuple[Split, Split]:
         """A train domain's training and validation sets; the mixture's come from :func:`mix`."""
         if train_domain == "mixture":
-            train = mix(self.get("real", "train"), self.get("synthetic", "train"), fraction, seed)
-            val = mix(self.get("real", "val"), self.get("synthetic", "val"), fraction, seed)
+            train = mix(self.selected("real", "train"), self.selected("synthetic", "train"), fraction, seed)
+            val = mix(self.selected("real", "val"), self.selected("synthetic", "val"), fraction, seed)
             return train, val
-        return self.get(train_domain, "train"), self.get(train_domain, "val")
+        return self.selected(train_domain, "train"), self.selected(train_domain, "val")
 
     def counts(self) -> dict:
-        return {k: {"images": len(s)} for k, s in sorted(self.splits.items())}
+        out = {k: {"images": len(s)} for k, s in sorted(self.splits.items())}
+        for k, s in self.splits.items():
+            if s.judged():
+                out[k]["accepted"] = int(sum(a is True for a in s.accepted))
+        return out
 
 
 def needed_splits(train_domains: Iterable[str], test_domains: Iterable[str]) -> set[tuple[str, str]]:

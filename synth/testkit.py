@@ -714,6 +714,27 @@ class ColourTestScorer:
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
+def tag_dataset_split(storage, run: str, domain: str, split: str, techniques, accepted) -> None:
+    """Set a stored split's ``technique`` and ``accepted`` columns (issue 12's), row by row in its stored (id) order.
+
+    ``techniques``: N strings; ``accepted``: N of True / False / None. Replaces the columns when
+    the dataset stage already wrote them, so a fixture can state exactly what curate decided.
+    """
+    import pyarrow as pa
+
+    from synth.storage import Layout
+
+    key = Layout(run).dataset_split(domain, split)
+    table = storage.read_parquet(key)
+    for name, values, kind in (("technique", list(techniques), pa.string()), ("accepted", list(accepted), pa.bool_())):
+        assert len(values) == table.num_rows, (name, len(values), table.num_rows)
+        column = pa.array(values, type=kind)
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, column)
+        else:
+            table = table.append_column(name, column)
+    storage.write_parquet(key, table)
+
 
 USAGE = """usage:
   python -m synth.testkit tiny-sd <folder>                     random-weight tiny Stable Diffusion pipeline

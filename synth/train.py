@@ -20,7 +20,17 @@ Experiments and storage (``<run>/train/<experiment>/seed-<seed>/``):
   ``train.mixture_synthetic_fraction`` with the cell's seed (the same images tune's trial at
   that ratio and seed trains on); validation uses the same domain (the mixture: the two val
   splits mixed by the same rule);
-- every model is tested on ``real``, ``synthetic`` and ``mixture`` (the union of both tests);
+- every model is tested on ``real``, ``synthetic``, ``mixture`` (the union of both tests) and
+  ``adversarial`` (the hostile images: accuracy there is the fooling rate; skipped with a
+  warning when the run has none);
+- synthetic train/val images are read as ``dataset.synthetic_source`` resolves (all | curated,
+  :func:`synth.splits.resolve_synthetic_source`); metrics and summary record which;
+- ablation cells (``train.ablation``, :func:`plan_ablation`): ``ablate-technique-<t>`` trains on
+  technique t's synthetic train images only, ``ablate-curated`` / ``ablate-uncurated`` on the
+  accepted images / as many drawn from all of them; every ablation cell trains on the same
+  number of images per class (:func:`synth.splits.ablation_draw`, drawn per seed) and validates
+  on the whole synthetic val split (the same yardstick for every cell, whatever its selection);
+  same seeds, network, recipe, steps and worker path as every other cell;
 - ``metrics.json`` (:class:`synth.records.TrainMetrics`), ``model.pt``
   (:func:`synth.model.load_model`), ``ray/<name>/`` (Ray Train's run folder: checkpoints, of
   which the 2 newest are kept).
@@ -33,15 +43,27 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 
-from synth.config import Config, TrainConfig, to_dict
+from synth.config import TRAIN_TECHNIQUES, Config, TrainConfig, to_dict
 from synth.model import architecture, model_bytes
 from synth.progress import ProgressRelay, say
 from synth.recipe import STATE_FILE, Run, budget, result_hash
 from synth.records import TrainMetrics
-from synth.splits import UNIONS, SplitCache, needed_splits
+from synth.splits import (
+    UNIONS,
+    Split,
+    SplitCache,
+    ablation_draw,
+    class_counts,
+    needed_splits,
+    present_test_domains,
+    read_split,
+    resolve_synthetic_source,
+)
 from synth.storage import Layout, Storage
 
 log = logging.getLogger(__name__)
@@ -51,6 +73,100 @@ CONTROLLER_POLL_ENV, CONTROLLER_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0
 
 def experiment_name(train_domain: str) -> str:
     return f"train-{train_domain}"
+
+
+# ============================================================================================
+# 0. Ablation: which synthetic train images each ablation cell gets
+# ============================================================================================
+
+SYNTHETIC_READERS = ("synthetic", "mixture")  # train domains that read the synthetic train split
+
+
+@dataclass(frozen=True)
+class AblationCell:
+    """One ablation experiment: its name, which synthetic train images, and how many per class."""
+
+    experiment: str  # ablate-technique-<t> | ablate-curated | ablate-uncurated
+    selection: str  # technique:<t> | curated | uncurated
+    images_per_class: int
+
+
+@dataclass
+class AblationPlan:
+    images_per_class: int
+    images_per_class_from: str  # "train.ablation.images_per_class" or "smallest available"
+    cells: list[AblationCell]
+    available: dict[str, list[int]]  # experiment -> images per class its selection offers
+
+
+def ablation_pool(synthetic_train: Split, selection: str, source: str) -> Split:
+    """The synthetic train images an ablation selection draws from.
+
+    Technique cells read the synthetic source as every synthetic cell does (accepted images only
+    when it resolved to curated); the curation pair compares the accepted images with all of them.
+    """
+    if selection == "curated":
+        return synthetic_train.accepted_only()
+    if selection == "uncurated":
+        return synthetic_train
+    technique = selection.removeprefix("technique:")
+    pool = synthetic_train.accepted_only() if source == "curated" else synthetic_train
+    return pool.take(np.flatnonzero(pool.techniques == technique))
+
+
+def plan_ablation(cfg: Config, catalog: Split, source: str) -> Optional[AblationPlan]:
+    """The ablation cells of ``train.ablation`` and their common images per class; None when it is off.
+
+    ``catalog``: the synthetic train split (images need not be decoded). Raises naming the fix
+    when a compared set has too few images of a class for the quota (no cell is silently skipped:
+    a missing row would make the table compare unequal things).
+    """
+    a, k = cfg.train.ablation, len(cfg.prompts.classes)
+    if a.techniques is None and not a.curation:
+        return None
+    techniques: list[str] = []
+    if a.techniques == ["all"]:
+        present = {str(t) for t in catalog.techniques} - {"", "hostile"}
+        techniques = [t for t in TRAIN_TECHNIQUES if t in present] + sorted(present - set(TRAIN_TECHNIQUES))
+        if not techniques:
+            raise ValueError(
+                "train.ablation.techniques=[all], but the synthetic train split has no technique column values. "
+                "Fix: rebuild the dataset (python -m ray_jobs.dataset <config>) so it records each image's technique"
+            )
+    elif a.techniques:
+        techniques = list(a.techniques)
+    if a.curation and not catalog.judged():
+        raise ValueError(
+            "train.ablation.curation=true compares curated with uncurated images, but the synthetic train split holds no "
+            "curate verdicts. Fix: run the curate stage and then the dataset stage, or set train.ablation.curation=false"
+        )
+    selections = {f"ablate-technique-{t}": f"technique:{t}" for t in techniques}
+    if a.curation:
+        selections.update({"ablate-curated": "curated", "ablate-uncurated": "uncurated"})
+    available = {e: class_counts(ablation_pool(catalog, sel, source), k) for e, sel in selections.items()}
+    n = a.images_per_class if a.images_per_class is not None else min(min(c) for c in available.values())
+    for e, counts in available.items():
+        short = [cfg.prompts.classes[y] for y, c in enumerate(counts) if c < max(n, 1)]
+        if short:
+            asked = f"train.ablation.images_per_class={n}" if a.images_per_class is not None else "at least 1 per class"
+            raise ValueError(
+                f"ablation cell {e} has too few synthetic train images of class {short[0]!r} "
+                f"({counts[cfg.prompts.classes.index(short[0])]}; {asked} needed{'' if source == 'all' else ', curated ones only'}). "
+                f"Fix: lower train.ablation.images_per_class (null: the smallest available count), drop "
+                f"{selections[e].removeprefix('technique:')!r} from train.ablation.techniques, or make more images of it"
+            )
+    return AblationPlan(
+        images_per_class=n,
+        images_per_class_from="train.ablation.images_per_class" if a.images_per_class is not None else "smallest available",
+        cells=[AblationCell(e, sel, n) for e, sel in selections.items()],
+        available=available,
+    )
+
+
+def ablation_train_set(synthetic_train: Split, cell: AblationCell, source: str, num_classes: int, seed: int) -> Split:
+    """The exact training set of an ablation cell for one seed."""
+    pool = ablation_pool(synthetic_train, cell.selection, source)
+    return ablation_draw(pool, num_classes, cell.images_per_class, seed, name=f"ablation cell {cell.experiment}")
 
 
 # ============================================================================================
@@ -122,10 +238,21 @@ def train_loop_per_worker(config: dict) -> Optional[dict]:
 # ============================================================================================
 
 
-def config_hash(cfg: Config, train_domain: str, seed: int) -> str:
-    """What decides a cell's result (:func:`synth.recipe.result_hash`); the fraction only for the mixture."""
+def config_hash(
+    cfg: Config, train_domain: str, seed: int, synthetic_source: Optional[str] = None, ablation: Optional[AblationCell] = None
+) -> str:  # fmt: skip
+    """What decides a cell's result (:func:`synth.recipe.result_hash`); the fraction only for the mixture.
+
+    ``synthetic_source`` (resolved: all | curated) counts for cells that read synthetic train
+    images; an ablation cell adds its selection and images per class.
+    """
     fraction = cfg.train.mixture_synthetic_fraction if train_domain == "mixture" else None
-    return result_hash(cfg, kind="train", train_domain=train_domain, seed=seed, synthetic_fraction=fraction)
+    what: dict = {}
+    if synthetic_source is not None and (train_domain in SYNTHETIC_READERS or ablation is not None):
+        what["synthetic_source"] = synthetic_source
+    if ablation is not None:
+        what["ablation"] = {"selection": ablation.selection, "images_per_class": ablation.images_per_class}
+    return result_hash(cfg, kind="train", train_domain=train_domain, seed=seed, synthetic_fraction=fraction, **what)
 
 
 def worker_config(
@@ -220,12 +347,15 @@ class _CellProgress:
 
 def train_experiment(
     cfg: Config, storage: Storage, train_domain: str, seed: int, data: Optional[SplitCache] = None,
-    relay: Optional[ProgressRelay] = None, refs: Optional[dict] = None,
+    relay: Optional[ProgressRelay] = None, refs: Optional[dict] = None, ablation: Optional[AblationCell] = None,
+    test_domains: Optional[list[str]] = None,
 ) -> dict:  # fmt: skip
     """Train one cell (or resume it), score it, store ``model.pt`` and ``metrics.json``; returns the metrics.
 
     ``data``, ``relay`` (the progress queue from the worker) and ``refs`` (the arrays already in
-    Ray's object store, by split) may be shared by the cells of a stage.
+    Ray's object store, by split) may be shared by the cells of a stage. ``ablation``: an
+    ablation cell (``train_domain`` is then "synthetic"); ``test_domains``: the ones present
+    (:func:`synth.splits.present_test_domains`; worked out here when not given).
     """
     import ray
 
@@ -233,13 +363,27 @@ def train_experiment(
 
     start = time.perf_counter()
     t = cfg.train
-    layout, experiment = Layout(cfg.run), experiment_name(train_domain)
     classes = list(cfg.prompts.classes)
-    cfg_hash = config_hash(cfg, train_domain, seed)
+    if ablation is not None:
+        train_domain = "synthetic"
+    layout = Layout(cfg.run)
+    experiment = ablation.experiment if ablation is not None else experiment_name(train_domain)
+    tested = list(test_domains) if test_domains is not None else present_test_domains(storage, cfg.run, t.test_domains)
+    reads_synthetic = train_domain in SYNTHETIC_READERS
+    if data is not None:
+        source = data.synthetic_source
+    else:
+        source = resolve_synthetic_source(cfg.dataset.synthetic_source, storage, cfg.run) if reads_synthetic else "all"
+    cfg_hash = config_hash(cfg, train_domain, seed, source, ablation)
 
     # 1. Data, checked against the budget before any worker starts.
-    data = data or SplitCache(storage, cfg.run, classes).load(needed_splits([train_domain], t.test_domains))
-    train, val = data.train_val(train_domain, t.mixture_synthetic_fraction, seed)
+    if data is None:
+        data = SplitCache(storage, cfg.run, classes, synthetic_source=source).load(needed_splits([train_domain], tested))
+    if ablation is not None:
+        train = ablation_train_set(data.get("synthetic", "train"), ablation, source, len(classes), seed)
+        val = data.get("synthetic", "val")  # the whole split: one yardstick for every ablation cell
+    else:
+        train, val = data.train_val(train_domain, t.mixture_synthetic_fraction, seed)
     if len(val) == 0:
         raise ValueError(
             f"the {train_domain} validation split is empty. Fix: set dataset.val_fraction > 0 and rebuild the dataset"
@@ -258,12 +402,14 @@ def train_experiment(
         return refs[key]
 
     drawn = (seed,) if train_domain in UNIONS else ()  # the mixture's sets are drawn per seed
-    tests = {d: put((d, split), data.get(d, split)) for d, split in sorted(needed_splits([], t.test_domains))}
+    train_key = (experiment, "train", seed) if ablation is not None else (train_domain, "train", *drawn)
+    val_key = ("ablation", "val") if ablation is not None else (train_domain, "val", *drawn)
+    tests = {d: put((d, split), data.get(d, split)) for d, split in sorted(needed_splits([], tested))}
     own_relay = relay is None
     relay = relay or ProgressRelay()
     trainer = make_trainer(
-        worker_config(t, seed, classes, put((train_domain, "train", *drawn), train), put((train_domain, "val", *drawn), val),
-                      tests, t.test_domains, cfg_hash, relay.sink, threads=max(1, int(t.cpus_per_worker))),
+        worker_config(t, seed, classes, put(train_key, train), put(val_key, val),
+                      tests, tested, cfg_hash, relay.sink, threads=max(1, int(t.cpus_per_worker))),
         num_workers=t.num_workers,
         use_gpu=use_gpu,
         cpus_per_worker=t.cpus_per_worker,
@@ -296,7 +442,7 @@ def train_experiment(
         train_domain=train_domain,
         seed=seed,
         classes=classes,
-        test={d: scores[d] for d in t.test_domains},
+        test={d: scores[d] for d in tested},
         val=scores["val"],
         architecture=architecture(len(classes), t.width),
         steps=t.steps,
@@ -317,7 +463,15 @@ def train_experiment(
         resumed_from_epochs=list(progress["resumed_from_epochs"]),
         epochs_recomputed=cell_progress.epochs_recomputed,
         device=out["device"],
-    )
+        synthetic_source=source if reads_synthetic else None,
+        ablation=None if ablation is None else {
+            "selection": ablation.selection,
+            "technique": ablation.selection.removeprefix("technique:") if ablation.selection.startswith("technique:") else None,
+            "curated": {"curated": True, "uncurated": False}.get(ablation.selection),
+            "images_per_class": ablation.images_per_class,
+            "validation": "synthetic/val (whole split)",
+        },
+    )  # fmt: skip
     storage.write_json(layout.train_metrics(experiment, seed), metrics.to_json())
     tested = ", ".join(f"{d} {100 * s['accuracy']:.1f}%" for d, s in metrics.test.items())
     say("train", f"{experiment} seed {seed}: val {100 * metrics.val['accuracy']:.1f}%, test {tested} "
@@ -353,68 +507,103 @@ def _matrix(cells: list[dict]) -> dict:
 
 
 def run_train(cfg: Config, storage: Optional[Storage] = None) -> dict:
-    """Run (or resume) every cell of ``train.experiments x train.seeds``; returns the summary.
+    """Run (or resume) every cell of ``train.experiments x train.seeds`` and the ablation's; returns the summary.
 
     Writes ``<run>/train/config.yaml`` and ``<run>/train/summary.json``: per-cell status and
-    accuracies, the accuracy matrix (mean/std over seeds), and the data counts.
+    accuracies, the accuracy matrix (mean/std over seeds), the data counts, the synthetic source
+    read and, when it ran, the ablation (its cells and images per class).
     """
     from synth.runtime import init_ray, write_stage_config, write_stage_summary
 
     start = time.perf_counter()
     storage = storage or Storage.from_config(cfg.storage)
     layout, t = Layout(cfg.run), cfg.train
+    classes = list(cfg.prompts.classes)
 
     # 1. Fail fast on storage; note the config; clear interrupted writes.
     storage.check_writable()
     write_stage_config(storage, cfg, "train")
     removed = storage.remove_partials(layout.stage("train"))
 
-    # 2. Which cells are already done with this exact config.
-    cells = [(d, s) for d in t.experiments for s in t.seeds]
-    done = {}
-    for d, s in cells:
-        m = _done(storage, layout.train_metrics(experiment_name(d), s), config_hash(cfg, d, s), t.test_domains)
-        if m is not None:
-            done[(d, s)] = m
-    todo = [c for c in cells if c not in done]
-    say("train", f"{len(cells)} cells ({', '.join(t.experiments)} x seeds {list(t.seeds)}): {len(done)} done, {len(todo)} to train")
+    # 2. What the cells read: the synthetic source, the test domains present, the ablation's selections.
+    ablating = t.ablation.techniques is not None or t.ablation.curation
+    reads_synthetic = ablating or any(d in SYNTHETIC_READERS for d in t.experiments)
+    source = resolve_synthetic_source(cfg.dataset.synthetic_source, storage, cfg.run) if reads_synthetic else "all"
+    tested = present_test_domains(storage, cfg.run, t.test_domains)
+    plan = None
+    if ablating:
+        catalog = read_split(storage, cfg.run, "synthetic", "train", classes, images=False)
+        plan = plan_ablation(cfg, catalog, source)
 
-    # 3. Train the rest; the data is decoded once and shared.
+    # 3. Which cells are already done with this exact config.
+    cells: list[tuple[str, int, Optional[AblationCell]]] = [(d, s, None) for d in t.experiments for s in t.seeds]
+    cells += [("synthetic", s, a) for a in (plan.cells if plan else []) for s in t.seeds]
+
+    def name(d: str, a: Optional[AblationCell]) -> str:
+        return a.experiment if a is not None else experiment_name(d)
+
+    done = {}
+    for d, s, a in cells:
+        m = _done(storage, layout.train_metrics(name(d, a), s), config_hash(cfg, d, s, source, a), tested)
+        if m is not None:
+            done[(name(d, a), s)] = m
+    todo = [c for c in cells if (name(c[0], c[2]), c[1]) not in done]
+    experiments = list(dict.fromkeys(name(d, a) for d, _, a in cells))
+    say("train", f"{len(cells)} cells ({', '.join(experiments)} x seeds {list(t.seeds)}): {len(done)} done, {len(todo)} to train")
+
+    # 4. Train the rest; the data is decoded once and shared.
     data: Optional[SplitCache] = None
     results: dict[tuple[str, int], dict] = dict(done)
     if todo:
-        data = SplitCache(storage, cfg.run, list(cfg.prompts.classes)).load(needed_splits({d for d, _ in todo}, t.test_domains))
+        pairs = needed_splits({"synthetic" if a else d for d, _, a in todo}, tested)
+        data = SplitCache(storage, cfg.run, classes, synthetic_source=source).load(pairs)
         init_ray(cfg.ray)
         relay, refs = ProgressRelay(), {}  # one queue actor for every cell; each split put once
         try:
-            for d, s in todo:
-                results[(d, s)] = train_experiment(cfg, storage, d, s, data=data, relay=relay, refs=refs)
+            for d, s, a in todo:
+                results[(name(d, a), s)] = train_experiment(
+                    cfg, storage, d, s, data=data, relay=relay, refs=refs, ablation=a, test_domains=tested
+                )
         finally:
             relay.close()
 
-    # 4. Summary.
-    ordered = [results[c] for c in cells]
+    # 5. Summary.
+    keys = [(name(d, a), s) for d, s, a in cells]
+    ordered = [results[k] for k in keys]
     summary = {
         "cells": [
             {
                 "experiment": m["experiment"],
                 "seed": m["seed"],
-                "status": "skipped (already done)" if c in done else "trained",
+                "status": "skipped (already done)" if k in done else "trained",
                 "metrics": storage.uri(layout.train_metrics(m["experiment"], m["seed"])),
                 "val_accuracy": m["val"]["accuracy"],
                 "test_accuracy": {d: x["accuracy"] for d, x in m["test"].items()},
+                "train_images": m.get("train_images"),
                 "resumed_from_epochs": m.get("resumed_from_epochs", []),
                 "epochs_recomputed": m.get("epochs_recomputed", 0),
                 "wall_seconds": m["wall_seconds"],
             }
-            for c, m in zip(cells, ordered)
+            for k, m in zip(keys, ordered)
         ],
         "accuracy": _matrix(ordered),
         "cells_total": len(cells),
         "cells_already_done": len(done),
         "cells_trained": len(todo),
+        "synthetic_source": {"setting": cfg.dataset.synthetic_source, "resolved": source} if reads_synthetic else None,
+        "test_domains": tested,
+        "test_domains_skipped": [d for d in t.test_domains if d not in tested],
+        "ablation": None if plan is None else {
+            "images_per_class": plan.images_per_class,
+            "images_per_class_from": plan.images_per_class_from,
+            "validation": "the whole synthetic val split, the same for every ablation cell",
+            "cells": {c.experiment: {"selection": c.selection, "available_per_class": plan.available[c.experiment]} for c in plan.cells},
+        },
         "data": data.counts() if data else None,
         "partial_writes_removed": removed,
         "wall_seconds": round(time.perf_counter() - start, 3),
-    }
+    }  # fmt: skip
+    if plan is not None:
+        say("train", f"ablation: {len(plan.cells)} cells, {plan.images_per_class} synthetic images per class each "
+            f"({plan.images_per_class_from}), synthetic source {source}")  # fmt: skip
     return write_stage_summary(storage, cfg, "train", summary)

@@ -65,7 +65,7 @@ from synth.config import Config, TuneConfig, to_dict, validate
 from synth.progress import say, verbose
 from synth.recipe import STATE_FILE, Run, budget, result_hash
 from synth.records import RecordError, TrialRecord, TuneRow
-from synth.splits import UNIONS, SplitCache, composition, mix
+from synth.splits import UNIONS, SplitCache, composition, mix, resolve_synthetic_source
 from synth.stats import mean_std
 from synth.storage import Layout, Storage, trial_tag
 
@@ -146,7 +146,7 @@ def train_trial(config: dict, data: SplitCache, context: TrialContext) -> None:
         return
 
     # 1. The training core on this trial's set, on the trial's device (a GPU when Tune gave it one).
-    real, synthetic, real_val = data.get("real", "train"), data.get("synthetic", "train"), data.get("real", "val")
+    real, synthetic, real_val = data.get("real", "train"), data.selected("synthetic", "train"), data.get("real", "val")
     train = mix(real, synthetic, ratio, seed, context.mode)  # the train stage's mixing rule, at every r
     n_real, n_synthetic = composition(len(real), len(synthetic), ratio, context.mode)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -534,12 +534,14 @@ def run_tune(cfg: Config, storage: Optional[Storage] = None) -> dict:
     lost_records = document is not None and already < cells
     document = None if lost_records else document
     status, restored, concurrency, resources, data_counts = "skipped (already done)", False, None, None, None
+    source: Optional[str] = None  # the resolved dataset.synthetic_source, when this run read the data
     if document is None:
         # 3. Data and plan, checked before any trial starts.
-        data = SplitCache(storage, cfg.run, list(cfg.prompts.classes)).load(SWEEP_SPLITS)
+        source = resolve_synthetic_source(cfg.dataset.synthetic_source, storage, cfg.run)
+        data = SplitCache(storage, cfg.run, list(cfg.prompts.classes), synthetic_source=source).load(SWEEP_SPLITS)
         if len(data.get("real", "val")) == 0:
             raise ValueError("the real validation split is empty. Fix: set dataset.val_fraction > 0 and rebuild the dataset")
-        plan = sweep_plan(len(data.get("real", "train")), len(data.get("synthetic", "train")), cfg)
+        plan = sweep_plan(len(data.get("real", "train")), len(data.selected("synthetic", "train")), cfg)
         data_counts = data.counts()
 
         # 4. The sweep: new, or restored where a killed driver left it.
@@ -604,6 +606,7 @@ def run_tune(cfg: Config, storage: Optional[Storage] = None) -> dict:
         "table": document["table"],
         "results": storage.uri(f"{layout.tune_results}.parquet"),
         "data": data_counts,
+        "synthetic_source": None if source is None else {"setting": cfg.dataset.synthetic_source, "resolved": source},
         "partial_writes_removed": removed,
         "wall_seconds": round(time.perf_counter() - start, 3),
     }

@@ -383,3 +383,73 @@ def test_html_renders_in_a_browser(full, tmp_path):
     assert pixels.shape == (2400, 1200)
     # The screenshot stays in pytest's basetemp (the last few runs are kept) for a human look.
     assert pixels.std() > 20, f"the rendered page is blank: {shot}"
+
+
+# --------------------------------------------------------------------------------------------
+# What each technique buys: ablation cells, fooling rate, diversity (sections only with data)
+# --------------------------------------------------------------------------------------------
+
+ABLATION = {  # experiment -> (ablation record, real accuracy by seed, fooling rate by seed)
+    "ablate-technique-vanilla": ({"selection": "technique:vanilla", "technique": "vanilla"}, (0.50, 0.60), (0.40, 0.50)),
+    "ablate-technique-domain": ({"selection": "technique:domain", "technique": "domain"}, (0.70, 0.80), (0.30, 0.20)),
+    "ablate-curated": ({"selection": "curated", "curated": True}, (0.75, 0.85), (0.25, 0.35)),
+    "ablate-uncurated": ({"selection": "uncurated", "curated": False}, (0.65, 0.75), (0.45, 0.55)),
+}
+
+
+def with_fooling(m: dict, rates) -> dict:
+    m["test"]["adversarial"] = scores_from(confusion_for(rates[m["seed"]], seed=7 + m["seed"]))
+    return m
+
+
+@pytest.fixture(scope="module")
+def ablated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablated")
+    cfg = make_cfg(root, "abl")
+    storage = Storage(str(root))
+    for seed in (0, 1):
+        write_metrics(storage, cfg.run, with_fooling(fake_metrics("real", seed), (0.60, 0.70)))
+        for experiment, (record, real, fooled) in ABLATION.items():
+            m = fake_metrics("synthetic", seed, tests=("real",))
+            m["test"]["real"] = scores_from(confusion_for(real[seed], seed=seed))
+            m.update(experiment=experiment, ablation={**record, "images_per_class": 8}, synthetic_source="curated")
+            write_metrics(storage, cfg.run, with_fooling(m, fooled))
+    diversity = {"per_technique": {"vanilla": 0.21, "domain": 0.34}, "per_class": {c: 0.3 for c in CLASSES}, "method": "clip"}
+    write_stage_summary(storage, cfg, "curate", {"images": 96, "diversity": diversity})
+    run_report(cfg, storage)
+    out = root / cfg.run / "report"
+    return {
+        "json": json.loads((out / "report.json").read_text()), "out": out,
+        "md": (out / "report.md").read_text(), "html": (out / "report.html").read_text(),
+    }  # fmt: skip
+
+
+def test_ablation_table_plot_fooling_rate_and_diversity(ablated):
+    numbers = ablated["json"]
+    # Ablation cells stay out of the headline matrix (one train-real row here).
+    assert numbers["train_domains"] == ["real"] and "adversarial" in numbers["test_domains"]
+    ablation = numbers["ablation"]
+    assert [r["label"] for r in ablation["techniques"]] == ["domain", "vanilla"]
+    assert [r["label"] for r in ablation["curation"]] == ["curated", "uncurated"] and ablation["images_per_class"] == [8]
+    vanilla = ablation["techniques"][1]
+    assert vanilla["real"]["mean"] == pytest.approx(0.55) and vanilla["real"]["std"] == pytest.approx(0.1 / math.sqrt(2))
+    assert vanilla["fooling_rate"]["mean"] == pytest.approx(0.45)
+    assert ablation["curation_gain"] == pytest.approx(0.10)
+    assert numbers["fooling_rate"]["train-real"]["mean"] == pytest.approx(0.65)
+    assert set(numbers["fooling_rate"]) == {"train-real", *ABLATION}
+    assert numbers["diversity"]["per_technique"] == {"domain": 0.34, "vanilla": 0.21}
+    assert "ablation-what-each-technique-buys.png" in numbers["plots"]
+    assert (ablated["out"] / "ablation-what-each-technique-buys.png").read_bytes().startswith(b"\x89PNG")
+    for doc in (ablated["md"], ablated["html"]):
+        assert "What each technique buys" in doc and "+10.0 percentage points" in doc
+        assert "Fooling rate on hostile examples" in doc and "Lower is better" in doc
+        assert "Diversity of the synthetic images" in doc and "0.340" in doc
+    assert "| vanilla | ablate-technique-vanilla | 8 | 55.0 ± 7.1 (n=2) | — | 45.0 ± 7.1 (n=2) |" in ablated["md"]
+
+
+def test_sections_without_their_data_are_left_out(full):
+    numbers = full["json"]
+    assert numbers["ablation"] is None and numbers["fooling_rate"] is None and numbers["diversity"] is None
+    assert not any(p.startswith("ablation") for p in numbers["plots"])
+    for doc in (full["md"], full["html"]):
+        assert "What each technique buys" not in doc and "Fooling rate" not in doc and "Diversity of" not in doc

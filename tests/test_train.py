@@ -27,10 +27,10 @@ from synth.config import load_config, to_dict
 from synth.model import ArchitectureMismatchError, architecture, build_model, load_model
 from synth.recipe import STATE_FILE, Budget, budget, classification_metrics, flip_and_crop, lr_factor, predict, restore_state
 from synth.records import TrainMetrics
-from synth.splits import Split, SplitCache, mix, needed_splits, read_split
+from synth.splits import Split, SplitCache, ablation_draw, mix, needed_splits, read_split, resolve_synthetic_source
 from synth.storage import Layout, Storage
-from synth.testkit import write_class_aware_dataset
-from synth.train import run_train, train_experiment
+from synth.testkit import class_pattern_image, tag_dataset_split, write_class_aware_dataset, write_dataset_split
+from synth.train import ablation_train_set, plan_ablation, run_train, train_experiment
 
 PER_CLASS = {"train": 32, "val": 8, "test": 16}
 # Width 1/8 (33k parameters), 3 steps per epoch, 8 epochs: seconds on a CPU, >90% accuracy.
@@ -328,3 +328,167 @@ def test_killed_driver_resumes_from_last_checkpoint(matrix, root, ray_cluster, f
         epochs_recomputed=max(saved) - max(registered) + m["epochs_recomputed"], accuracy=m["test"]["real"]["accuracy"],
         accuracy_unfaulted=unfaulted_cell["test"]["real"]["accuracy"],
     )  # fmt: skip
+
+
+# -- issue 12: curated reads, the adversarial domain, the ablation cells -----------------------
+
+
+def tag_synthetic(storage: Storage, run: str, accepted_of, technique_of=lambda y, i: ("vanilla", "domain")[i % 2]) -> None:
+    """Tag every synthetic split: row ``i`` of class ``y`` (stored id order) gets ``technique_of(y, i)`` and ``accepted_of(y, i)``."""
+    for split in PER_CLASS:
+        table = storage.read_parquet(Layout(run).dataset_split("synthetic", split), columns=["label"])
+        seen: dict[int, int] = {}
+        rows = []
+        for y in table.column("label").to_pylist():
+            rows.append((y, seen.get(y, 0)))
+            seen[y] = seen.get(y, 0) + 1
+        tag_dataset_split(storage, run, "synthetic", split, [technique_of(y, i) for y, i in rows], [accepted_of(y, i) for y, i in rows])
+
+
+def write_hostile(storage: Storage, run: str, classes: list[str], per_class: int = 8) -> None:
+    """The adversarial test split: images labelled with the class they imitate (here: they look like it)."""
+    rows = [(y, i) for y in range(len(classes)) for i in range(per_class)]
+    images = np.stack([class_pattern_image(y, 900_000 + 100 * y + i) for y, i in rows])
+    write_dataset_split(storage, run, "adversarial", "test", images, [y for y, _ in rows], classes)
+    tag_dataset_split(storage, run, "adversarial", "test", ["hostile"] * len(rows), [None] * len(rows))
+
+
+def test_read_split_techniques_accepted_and_source_resolution(tmp_path):
+    storage, classes = Storage(str(tmp_path)), ["bird", "cat"]
+    write_dataset(storage, "r", classes)
+    old = read_split(storage, "r", "synthetic", "train", classes)  # a table from before curation
+    assert set(old.techniques) == {""} and set(old.accepted) == {None} and not old.judged()
+    assert len(read_split(storage, "r", "synthetic", "train", classes, accepted_only=True)) == 0
+    assert resolve_synthetic_source("auto", storage, "r") == "all" and resolve_synthetic_source("all", storage, "r") == "all"
+    with pytest.raises(ValueError, match="Fix: run the curate stage .*or set dataset.synthetic_source=all"):
+        resolve_synthetic_source("curated", storage, "r")
+
+    tag_synthetic(storage, "r", lambda y, i: None if i == 0 else i % 3 == 0)
+    split = read_split(storage, "r", "synthetic", "train", classes)
+    assert split.images.shape == (64, 32, 32, 3) and set(split.techniques) == {"vanilla", "domain"} and split.judged()
+    kept = read_split(storage, "r", "synthetic", "train", classes, accepted_only=True)
+    expected = [i for i, a in zip(split.ids, split.accepted) if a is True]
+    assert list(kept.ids) == expected == list(split.accepted_only().ids) and len(kept) == 2 * 10
+    assert resolve_synthetic_source("auto", storage, "r") == resolve_synthetic_source("curated", storage, "r") == "curated"
+    assert resolve_synthetic_source("all", storage, "r") == "all"
+    catalog = read_split(storage, "r", "synthetic", "train", classes, images=False)  # planning: no decoding
+    assert catalog.images.shape == (64, 0, 0, 3) and list(catalog.ids) == list(split.ids)
+    # The train stage reads the curated images for synthetic train/val, never filters a test split.
+    data = SplitCache(storage, "r", classes, synthetic_source="curated")
+    assert len(data.selected("synthetic", "train")) == 20 and len(data.selected("synthetic", "test")) == 32
+    assert len(data.train_val("synthetic", 0.5, 0)[0]) == 20
+
+
+def test_ablation_config_is_validated():
+    from synth.config import ConfigError
+
+    cfg = load_config(None, ["train.ablation.techniques=[all]", "train.ablation.curation=true", "train.ablation.images_per_class=4"])
+    assert cfg.train.ablation.techniques == ["all"] and cfg.train.ablation.curation and cfg.train.ablation.images_per_class == 4
+    for bad, match in (
+        ("train.ablation.techniques=[vanilla,hostile]", "train.ablation.techniques"),
+        ("train.ablation.techniques=[]", "train.ablation.techniques"),
+        ("train.ablation.images_per_class=0", "train.ablation.images_per_class"),
+        ("dataset.synthetic_source=some", "dataset.synthetic_source"),
+        ("train.test_domains=[real,hostile]", "train.test_domains"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [bad])
+    assert "adversarial" in load_config(None, []).train.test_domains
+
+
+def test_ablation_cells_draw_equal_images_per_class_by_seed(tmp_path):
+    storage = Storage(str(tmp_path))
+    cfg = make_config(tmp_path, "r", "train.ablation.techniques=[all]", "train.ablation.curation=true")
+    classes, k = cfg.prompts.classes, len(cfg.prompts.classes)
+    write_dataset(storage, "r", classes)
+    # vanilla: even rows (16 per class); domain: odd rows; accepted: rows 0-11 of each class (12 per class).
+    tag_synthetic(storage, "r", lambda y, i: i < 12)
+    catalog = read_split(storage, "r", "synthetic", "train", classes, images=False)
+    plan = plan_ablation(cfg, catalog, "all")
+    assert [c.experiment for c in plan.cells] == ["ablate-technique-vanilla", "ablate-technique-domain", "ablate-curated", "ablate-uncurated"]
+    assert plan.images_per_class == 12 and plan.images_per_class_from == "smallest available"
+    assert plan.available["ablate-technique-vanilla"] == [16] * k and plan.available["ablate-curated"] == [12] * k
+    cells = {c.experiment: c for c in plan.cells}
+    for cell in plan.cells:
+        drawn = ablation_train_set(catalog, cell, "all", k, seed=0)
+        assert np.bincount(drawn.labels, minlength=k).tolist() == [12] * k  # the same per class in every cell
+        again, other = ablation_train_set(catalog, cell, "all", k, seed=0), ablation_train_set(catalog, cell, "all", k, seed=1)
+        assert list(again.ids) == list(drawn.ids) and list(other.ids) != list(drawn.ids)  # exact ids by seed
+    vanilla = ablation_train_set(catalog, cells["ablate-technique-vanilla"], "all", k, 0)
+    assert set(vanilla.techniques) == {"vanilla"}
+    curated, uncurated = (ablation_train_set(catalog, cells[e], "all", k, 0) for e in ("ablate-curated", "ablate-uncurated"))
+    assert len(curated) == len(uncurated) == 12 * k and set(curated.accepted) == {True}
+    assert False in set(uncurated.accepted)  # drawn from all images, rejected ones included
+    # Under a curated source the technique cells draw from accepted images only: 6 per class each.
+    assert plan_ablation(cfg, catalog, "curated").images_per_class == 6
+    # Too many asked for: a clear error naming the fix.
+    big = make_config(tmp_path, "r", "train.ablation.techniques=[vanilla]", "train.ablation.images_per_class=17")
+    with pytest.raises(ValueError, match="ablate-technique-vanilla has too few .*Fix: lower train.ablation.images_per_class"):
+        plan_ablation(big, catalog, "all")
+    missing = make_config(tmp_path, "r", "train.ablation.techniques=[llm]")
+    with pytest.raises(ValueError, match="ablate-technique-llm has too few"):
+        plan_ablation(missing, catalog, "all")
+    with pytest.raises(ValueError, match="train.ablation.images_per_class"):
+        ablation_draw(catalog, k, 33, seed=0)
+    untagged = read_split(storage, "r", "real", "train", classes, images=False)
+    with pytest.raises(ValueError, match="no curate verdicts.*train.ablation.curation=false"):
+        plan_ablation(make_config(tmp_path, "r", "train.ablation.curation=true"), untagged, "all")
+
+
+def test_filter_keeping_one_class_changes_the_model(root, ray_cluster):
+    """Only class 0's synthetic images accepted: the curated model calls (nearly) everything class 0; all images: it does not."""
+    cells = {}
+    for run, source in (("one-class-curated", "auto"), ("one-class-all", "all")):
+        cfg = make_config(root, run, "train.experiments=[synthetic]", "train.batch_size=32", f"dataset.synthetic_source={source}")
+        storage = Storage.from_config(cfg.storage)
+        write_dataset(storage, run, cfg.prompts.classes)
+        tag_synthetic(storage, run, lambda y, i: y == 0)
+        write_hostile(storage, run, cfg.prompts.classes)
+        summary = run_train(cfg, storage)
+        cells[source] = storage.read_json(Layout(run).train_metrics("train-synthetic", 0))
+        assert summary["synthetic_source"] == {"setting": source, "resolved": "curated" if source == "auto" else "all"}
+        assert summary["test_domains"] == ["real", "synthetic", "mixture", "adversarial"] and not summary["test_domains_skipped"]
+    curated, everything = cells["auto"], cells["all"]
+    assert curated["synthetic_source"] == "curated" and everything["synthetic_source"] == "all"
+    assert curated["train_images"] == 32 and everything["train_images"] == 6 * 32
+    predicted = np.array(curated["test"]["real"]["confusion_matrix"]).sum(axis=0)  # columns: predicted class
+    assert predicted[0] >= 0.95 * predicted.sum(), predicted
+    spread = np.array(everything["test"]["real"]["confusion_matrix"]).sum(axis=0)
+    assert spread[0] < 0.5 * spread.sum() and everything["test"]["real"]["accuracy"] > 0.8
+    # The fooling rate is the accuracy on hostile images, stored like any test domain.
+    assert everything["test"]["adversarial"]["n"] == 6 * 8 and 0 <= curated["test"]["adversarial"]["accuracy"] <= 1
+
+
+@pytest.fixture(scope="module")
+def ablation(root, ray_cluster):
+    cfg = make_config(
+        root, "ablation", "train.experiments=[real]", "train.ablation.techniques=[vanilla]", "train.ablation.curation=true",
+        "train.batch_size=32",
+    )  # fmt: skip
+    storage = Storage.from_config(cfg.storage)
+    write_dataset(storage, cfg.run, cfg.prompts.classes)
+    # 16 accepted per class, 8 of each technique: the source resolves to curated, so 8 per class in every cell.
+    tag_synthetic(storage, cfg.run, lambda y, i: i % 4 in (0, 3))
+    return cfg, storage, run_train(cfg, storage)
+
+
+@pytest.mark.slow  # 4 cells through Ray Train, then the rerun
+def test_ablation_cells_train_through_the_one_core_and_resume(ablation, capsys):
+    cfg, storage, summary = ablation
+    layout, k = Layout(cfg.run), len(cfg.prompts.classes)
+    experiments = ["ablate-technique-vanilla", "ablate-curated", "ablate-uncurated"]
+    assert summary["cells_trained"] == 4 and summary["ablation"]["images_per_class"] == 8
+    assert summary["synthetic_source"]["resolved"] == "curated"
+    assert summary["test_domains_skipped"] == ["adversarial"]  # no hostile images in this run: skipped, no crash
+    catalog = read_split(storage, cfg.run, "synthetic", "train", cfg.prompts.classes)
+    plan = plan_ablation(cfg, catalog, "curated")
+    for cell in plan.cells:
+        m = storage.read_json(layout.train_metrics(cell.experiment, 0))
+        assert m["train_domain"] == "synthetic" and m["ablation"]["selection"] == cell.selection
+        assert m["train_images"] == 8 * k and m["steps"] == cfg.train.steps and m["architecture"] == architecture(k, 0.125)
+        assert m["train_ids_sha256"] == ablation_train_set(catalog, cell, "curated", k, 0).ids_digest()
+        assert set(m["test"]) == {"real", "synthetic", "mixture"} and m["test"]["real"]["accuracy"] > 0.5
+    assert [c.experiment for c in plan.cells] == experiments
+    again = run_train(cfg, storage)
+    assert again["cells_trained"] == 0 and again["cells_already_done"] == 4
+    assert "test domain 'adversarial' skipped" in capsys.readouterr().out

@@ -30,9 +30,12 @@ from synth.report.document import Code, Group, Heading, Para, Plot, Table, rende
 from synth.report.inputs import Inputs, load_inputs, load_train_metrics, load_tune_results
 from synth.report.numbers import (
     ReportInputError,
+    ablation_numbers,
     aggregate,
     choose_samples,
+    diversity_numbers,
     flatten_summary,
+    fooling_rates,
     gap_sentence,
     mixture_sentence,
     training_runs,
@@ -41,6 +44,7 @@ from synth.report.numbers import (
 )
 from synth.report.plots import (
     draw_plots,
+    plot_ablation,
     plot_accuracy_matrix,
     plot_confusion,
     plot_sample_grid,
@@ -56,7 +60,8 @@ __all__ = [
     "aggregate", "choose_samples", "flatten_summary", "gap_sentence", "mixture_sentence", "training_runs",
     "transfer_gap", "validate_metrics", "draw_plots", "plot_accuracy_matrix", "plot_confusion",
     "plot_sample_grid", "plot_training_curves", "plot_tune_curve", "Code", "Group", "Heading", "Para", "Plot",
-    "Table", "render_html", "render_markdown", "build_blocks", "report_notes", "tune_blocks",
+    "Table", "render_html", "render_markdown", "build_blocks", "report_notes", "tune_blocks", "ablation_numbers",
+    "fooling_rates", "diversity_numbers", "plot_ablation",
 ]  # fmt: skip
 
 
@@ -98,6 +103,9 @@ def run_report(cfg: Config, storage: Storage | None = None) -> dict:
         "notes": notes,
         "inputs": {"metrics": inputs.metrics_keys, "skipped": inputs.skipped},
         "tune": inputs.tune,
+        "ablation": ablation_numbers(inputs.metrics),
+        "fooling_rate": fooling_rates(inputs.metrics),
+        "diversity": diversity_numbers(inputs.summaries.get("curate")),
         "plots": sorted(plots),
     }
 

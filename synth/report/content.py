@@ -14,7 +14,11 @@ from synth.report.document import Code, Group, Heading, Para, Plot, Table
 from synth.report.inputs import PROVENANCE_STAGES, SAMPLES_PER_CLASS, SPLITS, Inputs
 from synth.report.numbers import (
     DOMAINS,
+    FOOLING_NOTE,
+    ablation_numbers,
+    diversity_numbers,
     flatten_summary,
+    fooling_rates,
     gap_sentence,
     mixture_sentence,
     ordered_domains,
@@ -22,6 +26,7 @@ from synth.report.numbers import (
     training_runs,
 )
 from synth.report.plots import (
+    ABLATION_PLOT,
     ACCURACY_PLOT,
     CURVES_PLOT,
     TUNE_PLOT,
@@ -37,6 +42,9 @@ def build_blocks(run: str, agg: dict, inputs: Inputs, plots: dict[str, bytes], n
     blocks = headline_blocks(agg, plots, notes)
     if inputs.tune:
         blocks += tune_blocks(inputs.tune, plots)
+    blocks += ablation_blocks(inputs, plots)
+    blocks += fooling_blocks(inputs)
+    blocks += diversity_blocks(inputs)
     blocks += training_blocks(agg, inputs, plots)
     blocks += confusion_blocks(agg, plots)
     blocks += per_class_blocks(agg)
@@ -102,6 +110,82 @@ def tune_blocks(tune: dict, plots: dict[str, bytes]) -> list:
     )  # fmt: skip
     figure = plots.get(TUNE_PLOT)
     blocks.append(Group([table, Plot(TUNE_PLOT, figure, "accuracy against synthetic fraction")]) if figure else table)
+    return blocks
+
+
+def ablation_blocks(inputs: Inputs, plots: dict[str, bytes]) -> list:
+    """What each technique buys: per technique and with / without the CLIP filter, at equal images per class."""
+    ablation = ablation_numbers(inputs.metrics)
+    if not ablation:
+        return []
+    per_class = ", ".join(map(str, ablation["images_per_class"])) or "?"
+    blocks: list = [
+        Heading(1, "What each technique buys (ablation)"),
+        Para(
+            f"Each row trains the same network with the same recipe and step budget on {per_class} synthetic images per "
+            "class of one selection only (drawn per seed), validates on the whole synthetic val split, and is tested on "
+            "real photos. The technique rows differ only in how their images were made; curated vs uncurated differ "
+            "only in the CLIP filter (and review): as many images per class, accepted ones vs any."
+        ),
+    ]
+    if ablation["curation_gain"] is not None:
+        blocks.append(Para(
+            f"The CLIP filter changes accuracy on real test images by {100.0 * ablation['curation_gain']:+.1f} "
+            "percentage points (curated minus uncurated, means over seeds).", "headline",
+        ))  # fmt: skip
+    rows = [
+        [r["label"], r["experiment"], _num(r["images_per_class"]), _cell_text(r["real"]), _cell_text(r["synthetic"]),
+         _cell_text(r["fooling_rate"])]
+        for r in ablation["techniques"] + ablation["curation"]
+    ]  # fmt: skip
+    table = Table(
+        ["selection", "experiment", "images / class", "test real (%)", "test synthetic (%)", "fooling rate (%)"],
+        rows,
+        [False, False, True, True, True, True],
+        caption="Accuracy (%), mean ± sample std over seeds (n). Fooling rate: accuracy on hostile images, lower is "
+        "better (— where the run has no hostile images).",
+    )
+    figure = plots.get(ABLATION_PLOT)
+    blocks.append(Group([table, Plot(ABLATION_PLOT, figure, "what each technique buys")]) if figure else table)
+    return blocks
+
+
+def fooling_blocks(inputs: Inputs) -> list:
+    """The fooling rate on hostile examples of every trained model; only when some model was tested on them."""
+    rates = fooling_rates(inputs.metrics)
+    if not rates:
+        return []
+    return [
+        Heading(1, "Fooling rate on hostile examples"),
+        Para(FOOLING_NOTE),
+        Table(
+            ["experiment", "fooling rate (%)"],
+            [[e, _cell_text(stat)] for e, stat in rates.items()],
+            [False, True],
+            caption="Mean ± sample std over seeds (n); lower is better.",
+        ),
+    ]
+
+
+def diversity_blocks(inputs: Inputs) -> list:
+    """Diversity of the synthetic images (the curate stage's CLIP-embedding distances); only when curate wrote it."""
+    diversity = diversity_numbers(inputs.summaries.get("curate"))
+    if not diversity:
+        return []
+    blocks: list = [
+        Heading(1, "Diversity of the synthetic images"),
+        Para(
+            "Mean pairwise cosine distance between the CLIP image embeddings of the synthetic images (higher: more "
+            "varied). Distilled text-to-image models tend to collapse towards one look; this shows where."
+            + (f" Method: {diversity['method']}." if diversity["method"] else "")
+        ),
+    ]
+    tables = []
+    for key, what in (("per_technique", "technique"), ("per_class", "class")):
+        if key in diversity:
+            tables.append(Table([what, "mean pairwise cosine distance"],
+                                [[k, f"{v:.3f}"] for k, v in diversity[key].items()], [False, True]))  # fmt: skip
+    blocks.append(Group(tables) if len(tables) > 1 else tables[0])
     return blocks
 
 

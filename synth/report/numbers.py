@@ -88,8 +88,16 @@ def _common_classes(metrics_list: Sequence[dict]) -> list[str]:
     return list(first["classes"])
 
 
+def is_ablation(m: dict) -> bool:
+    """Whether a model is an ablation cell (its numbers go to :func:`ablation_numbers`, not the headline)."""
+    return bool(m.get("ablation"))
+
+
 def aggregate(metrics_list: Sequence[dict]) -> dict:
     """Aggregate per-model ``metrics.json`` dicts over seeds into the report's numbers.
+
+    Ablation cells (:func:`is_ablation`) are left to :func:`ablation_numbers`; every other model
+    enters the headline matrix.
 
     Returns a JSON-ready dict:
 
@@ -105,10 +113,11 @@ def aggregate(metrics_list: Sequence[dict]) -> dict:
     Raises :class:`ReportInputError` when the list is empty, when models disagree on classes, or
     when two experiments claim one train domain.
     """
-    if not metrics_list:
-        raise ReportInputError("no training metrics to aggregate. Fix: run the train stage first")
     for m in metrics_list:
         validate_metrics(m)
+    metrics_list = [m for m in metrics_list if not is_ablation(m)]
+    if not metrics_list:
+        raise ReportInputError("no training metrics to aggregate. Fix: run the train stage first")
     experiments = _experiment_per_domain(metrics_list)
     classes = _common_classes(metrics_list)
     seen: set[tuple[str, int]] = set()
@@ -201,7 +210,7 @@ def training_runs(metrics_list: Sequence[dict]) -> dict:
     """Per train domain: how the models were trained (steps, data, time, val accuracy, code versions)."""
     by_train: dict[str, list[dict]] = defaultdict(list)
     for m in metrics_list:
-        by_train[m["train_domain"]].append(m)
+        by_train[m["experiment"] if is_ablation(m) else m["train_domain"]].append(m)
     out = {}
     for train in ordered_domains(list(by_train)):
         runs = sorted(by_train[train], key=lambda m: m["seed"])
@@ -222,6 +231,91 @@ def training_runs(metrics_list: Sequence[dict]) -> dict:
             "code_versions": sorted({str(m.get("code_version", "unknown")) for m in runs}),
         }
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# What each technique buys: the ablation cells, the fooling rate, diversity
+# --------------------------------------------------------------------------------------------
+
+FOOLING_DOMAIN = "adversarial"  # hostile images: a model's accuracy there is its fooling rate
+FOOLING_NOTE = (
+    "Fooling rate: the share of hostile images (the look of a class on the wrong object, e.g. a "
+    "dalmatian-patterned car) that a model assigns to the class they imitate; it is the accuracy on the "
+    "adversarial test domain. Lower is better."
+)
+
+
+def _stat_of(runs: Sequence[dict], domain: str) -> Optional[dict]:
+    pairs = [(m["test"][domain]["accuracy"], m["seed"]) for m in runs if domain in m["test"]]
+    return seed_stat([v for v, _ in pairs], [s for _, s in pairs]) if pairs else None
+
+
+def ablation_numbers(metrics_list: Sequence[dict]) -> Optional[dict]:
+    """The ablation cells over seeds; None when no ablation cell was trained.
+
+    ``techniques``: one row per ``ablate-technique-<t>`` experiment; ``curation``: the
+    ``ablate-curated`` / ``ablate-uncurated`` rows and ``curation_gain`` (curated minus uncurated
+    mean accuracy on real test images). Each row: ``experiment``, ``label``, ``images_per_class``,
+    ``seeds``, ``real`` / ``synthetic`` / ``fooling_rate`` (seed stats, None when not tested).
+    """
+    by_experiment: dict[str, list[dict]] = defaultdict(list)
+    for m in sorted(metrics_list, key=lambda m: (m["experiment"], m["seed"])):
+        if is_ablation(m):
+            by_experiment[m["experiment"]].append(m)
+    if not by_experiment:
+        return None
+    techniques, curation = [], []
+    for experiment, runs in sorted(by_experiment.items()):
+        a = runs[0]["ablation"]
+        row = {
+            "experiment": experiment,
+            "selection": a.get("selection"),
+            "label": a.get("technique") or a.get("selection"),
+            "images_per_class": a.get("images_per_class"),
+            "train_images": runs[0].get("train_images"),
+            "seeds": [m["seed"] for m in runs],
+            "real": _stat_of(runs, "real"),
+            "synthetic": _stat_of(runs, "synthetic"),
+            "fooling_rate": _stat_of(runs, FOOLING_DOMAIN),
+        }
+        (curation if a.get("selection") in ("curated", "uncurated") else techniques).append(row)
+    curation.sort(key=lambda r: r["selection"] != "curated")  # curated first
+    gain = None
+    pair = {r["selection"]: r for r in curation}
+    if pair.get("curated", {}).get("real") and pair.get("uncurated", {}).get("real"):
+        gain = pair["curated"]["real"]["mean"] - pair["uncurated"]["real"]["mean"]
+    per_class = sorted({r["images_per_class"] for r in techniques + curation if r["images_per_class"] is not None})
+    return {"images_per_class": per_class, "techniques": techniques, "curation": curation, "curation_gain": gain}
+
+
+def fooling_rates(metrics_list: Sequence[dict]) -> Optional[dict]:
+    """``{experiment: seed stat of accuracy on hostile images}`` for every model tested on them; None if none was."""
+    by_experiment: dict[str, list[dict]] = defaultdict(list)
+    for m in sorted(metrics_list, key=lambda m: (m["experiment"], m["seed"])):
+        if FOOLING_DOMAIN in m["test"]:
+            by_experiment[m["experiment"]].append(m)
+    if not by_experiment:
+        return None
+    return {e: _stat_of(runs, FOOLING_DOMAIN) for e, runs in sorted(by_experiment.items())}
+
+
+def diversity_numbers(curate_summary: Optional[dict]) -> Optional[dict]:
+    """The curate stage's ``diversity`` section (mean pairwise cosine distance of CLIP embeddings), checked.
+
+    Shape: ``{"per_technique": {t: float}, "per_class": {c: float}, "method": str}``; None when
+    absent or holding no numbers (malformed entries are dropped).
+    """
+    section = (curate_summary or {}).get("diversity")
+    if not isinstance(section, dict):
+        return None
+    out: dict[str, Any] = {"method": str(section.get("method") or "")}
+    for key in ("per_technique", "per_class"):
+        values = section.get(key)
+        if isinstance(values, dict):
+            good = {str(k): float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            if good:
+                out[key] = dict(sorted(good.items()))
+    return out if ("per_technique" in out or "per_class" in out) else None
 
 
 # --------------------------------------------------------------------------------------------

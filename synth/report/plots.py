@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from synth.config import class_slug
 from synth.report.inputs import SAMPLES_PER_CLASS, Inputs
-from synth.report.numbers import DOMAINS, ordered_domains, pct
+from synth.report.numbers import DOMAINS, ablation_numbers, is_ablation, ordered_domains, pct
 
 DOMAIN_COLOURS = {"real": "#1f77b4", "synthetic": "#d62728", "mixture": "#2ca02c"}
 # Sample images are upscaled (nearest neighbour, so pixels stay sharp) to about this many pixels.
@@ -27,6 +27,7 @@ SAMPLE_DISPLAY_PX = 96
 ACCURACY_PLOT = "accuracy-matrix.png"
 CURVES_PLOT = "training-curves.png"
 TUNE_PLOT = "tune-accuracy-vs-ratio.png"
+ABLATION_PLOT = "ablation-what-each-technique-buys.png"
 TUNE_SERIES = (  # (table key, label, colour, marker) of the accuracy-vs-ratio plot and table, in column order
     ("val_real", "real validation (objective)", "#111111", "o"),
     ("test_real", "real test", DOMAIN_COLOURS["real"], "s"),
@@ -46,7 +47,7 @@ def samples_plot_name(domain: str) -> str:
 def draw_plots(agg: dict, inputs: Inputs) -> dict[str, bytes]:
     """All of the report's plots, as PNG bytes keyed by file name; a plot without data is left out."""
     plots: dict[str, bytes] = {ACCURACY_PLOT: plot_accuracy_matrix(agg)}
-    curves = plot_training_curves(inputs.metrics)
+    curves = plot_training_curves([m for m in inputs.metrics if not is_ablation(m)])
     if curves:
         plots[CURVES_PLOT] = curves
     for train, row in agg["confusion"].items():
@@ -56,6 +57,9 @@ def draw_plots(agg: dict, inputs: Inputs) -> dict[str, bytes]:
             plots[confusion_plot_name(train, test)] = plot_confusion(cm, agg["classes"], title)
     if inputs.tune:
         plots[TUNE_PLOT] = plot_tune_curve(inputs.tune)
+    ablation = ablation_numbers(inputs.metrics)
+    if ablation:
+        plots[ABLATION_PLOT] = plot_ablation(ablation)
     for domain, s in inputs.samples.items():
         if any(s["images"]):
             title = f"{domain} images ({s['split']} split)"
@@ -210,6 +214,36 @@ def plot_training_curves(metrics_list: Sequence[dict]) -> Optional[bytes]:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)
+    return _png(fig)
+
+
+def plot_ablation(ablation: dict) -> bytes:
+    """What each technique buys: test-real accuracy per ablation cell (mean ± std over seeds) and its fooling rate.
+
+    Left: accuracy on real test images, one bar per technique cell then curated / uncurated;
+    right (when any cell was tested on hostile images): the fooling rate, lower is better.
+    """
+    rows = ablation["techniques"] + ablation["curation"]
+    fooled = any(r["fooling_rate"] for r in rows)
+    fig = Figure(figsize=(max(5.5, 1.0 + 0.9 * len(rows)) * (2 if fooled else 1), 4.2), dpi=110, layout="constrained")
+    axes = fig.subplots(1, 2 if fooled else 1, squeeze=False)[0]
+    labels = [r["label"] for r in rows]
+    colours = ["#1f77b4" if r in ablation["techniques"] else ("#2ca02c" if r["selection"] == "curated" else "#7f7f7f") for r in rows]
+    x = np.arange(len(rows))
+    per_class = ", ".join(map(str, ablation["images_per_class"])) or "?"
+    for ax, key, title in zip(axes, ("real", "fooling_rate"), (
+        f"train synthetic → test real ({per_class} images per class)", "fooling rate on hostile images (lower is better)",
+    )):  # fmt: skip
+        means = [100.0 * r[key]["mean"] if r[key] else 0.0 for r in rows]
+        stds = [100.0 * r[key]["std"] if r[key] and r[key]["n"] > 1 else 0.0 for r in rows]
+        ax.bar(x, means, yerr=stds, color=colours, capsize=4)
+        for xi, r, m, s in zip(x, rows, means, stds):
+            ax.text(xi, m + s + 1, pct(r[key]["mean"]) if r[key] else "—", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(x, labels, rotation=30, ha="right")
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("%")
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
     return _png(fig)
 
 
