@@ -414,7 +414,11 @@ def ablated(tmp_path_factory):
             m["test"]["real"] = scores_from(confusion_for(real[seed], seed=seed))
             m.update(experiment=experiment, ablation={**record, "images_per_class": 8}, synthetic_source="curated")
             write_metrics(storage, cfg.run, with_fooling(m, fooled))
-    diversity = {"per_technique": {"vanilla": 0.21, "domain": 0.34}, "per_class": {c: 0.3 for c in CLASSES}, "method": "clip"}
+    # The curate summary's shape: per group, the distance over all images and over the accepted ones.
+    diversity = {
+        "technique": {"vanilla": {"all": 0.21, "accepted": 0.18, "images": 48}, "domain": {"all": 0.34, "accepted": None, "images": 1}},
+        "class": {c: {"all": 0.3, "accepted": 0.25, "images": 32} for c in CLASSES},
+    }
     write_stage_summary(storage, cfg, "curate", {"images": 96, "diversity": diversity})
     run_report(cfg, storage)
     out = root / cfg.run / "report"
@@ -437,13 +441,15 @@ def test_ablation_table_plot_fooling_rate_and_diversity(ablated):
     assert ablation["curation_gain"] == pytest.approx(0.10)
     assert numbers["fooling_rate"]["train-real"]["mean"] == pytest.approx(0.65)
     assert set(numbers["fooling_rate"]) == {"train-real", *ABLATION}
-    assert numbers["diversity"]["per_technique"] == {"domain": 0.34, "vanilla": 0.21}
+    assert numbers["diversity"]["per_technique"] == {
+        "domain": {"all": 0.34, "accepted": None, "images": 1}, "vanilla": {"all": 0.21, "accepted": 0.18, "images": 48}
+    }
     assert "ablation-what-each-technique-buys.png" in numbers["plots"]
     assert (ablated["out"] / "ablation-what-each-technique-buys.png").read_bytes().startswith(b"\x89PNG")
     for doc in (ablated["md"], ablated["html"]):
         assert "What each technique buys" in doc and "+10.0 percentage points" in doc
         assert "Fooling rate on hostile examples" in doc and "Lower is better" in doc
-        assert "Diversity of the synthetic images" in doc and "0.340" in doc
+        assert "Diversity of the synthetic images" in doc and "0.340" in doc and "0.180" in doc
     assert "| vanilla | ablate-technique-vanilla | 8 | 55.0 ± 7.1 (n=2) | — | 45.0 ± 7.1 (n=2) |" in ablated["md"]
 
 

@@ -176,15 +176,16 @@ def diversity_blocks(inputs: Inputs) -> list:
         Heading(1, "Diversity of the synthetic images"),
         Para(
             "Mean pairwise cosine distance between the CLIP image embeddings of the synthetic images (higher: more "
-            "varied). Distilled text-to-image models tend to collapse towards one look; this shows where."
-            + (f" Method: {diversity['method']}." if diversity["method"] else "")
+            "varied), over every image and over those the curate stage accepted. Distilled text-to-image models tend "
+            "to collapse towards one look; this shows where, and whether the filter narrows the set further."
         ),
     ]
     tables = []
     for key, what in (("per_technique", "technique"), ("per_class", "class")):
         if key in diversity:
-            tables.append(Table([what, "mean pairwise cosine distance"],
-                                [[k, f"{v:.3f}"] for k, v in diversity[key].items()], [False, True]))  # fmt: skip
+            rows = [[k, _num(v["images"]), f"{v['all']:.3f}", "–" if v["accepted"] is None else f"{v['accepted']:.3f}"]
+                    for k, v in diversity[key].items()]  # fmt: skip
+            tables.append(Table([what, "images", "distance, all", "distance, accepted"], rows, [False, True, True, True]))
     blocks.append(Group(tables) if len(tables) > 1 else tables[0])
     return blocks
 

@@ -302,20 +302,31 @@ def fooling_rates(metrics_list: Sequence[dict]) -> Optional[dict]:
 def diversity_numbers(curate_summary: Optional[dict]) -> Optional[dict]:
     """The curate stage's ``diversity`` section (mean pairwise cosine distance of CLIP embeddings), checked.
 
-    Shape: ``{"per_technique": {t: float}, "per_class": {c: float}, "method": str}``; None when
-    absent or holding no numbers (malformed entries are dropped).
+    The curate summary holds ``{"technique" | "class": {name: {"all": d, "accepted": d, "images": n}}}``
+    (``d`` null for groups of fewer than two images). Returns ``{"per_technique" | "per_class":
+    {name: {"all", "accepted", "images"}}}``, malformed entries dropped; None when nothing is left.
     """
     section = (curate_summary or {}).get("diversity")
     if not isinstance(section, dict):
         return None
-    out: dict[str, Any] = {"method": str(section.get("method") or "")}
-    for key in ("per_technique", "per_class"):
-        values = section.get(key)
-        if isinstance(values, dict):
-            good = {str(k): float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-            if good:
-                out[key] = dict(sorted(good.items()))
-    return out if ("per_technique" in out or "per_class" in out) else None
+
+    def number(v: Any) -> Optional[float]:
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+    out: dict[str, Any] = {}
+    for key, group in (("per_technique", "technique"), ("per_class", "class")):
+        values = section.get(group)
+        if not isinstance(values, dict):
+            continue
+        good = {}
+        for name, entry in values.items():
+            if isinstance(entry, dict) and number(entry.get("all")) is not None:
+                images = entry.get("images")
+                good[str(name)] = {"all": number(entry["all"]), "accepted": number(entry.get("accepted")),
+                                   "images": images if isinstance(images, int) else None}  # fmt: skip
+        if good:
+            out[key] = dict(sorted(good.items()))
+    return out or None
 
 
 # --------------------------------------------------------------------------------------------
