@@ -261,14 +261,19 @@ def check_train(cfg: Config, storage: Storage) -> StageCheck:
         return check
     from synth.model import load_model
     from synth.records import TrainMetrics
+    from synth.splits import resolve_synthetic_source
     from synth.train import config_hash, experiment_name
 
+    try:  # the synthetic images the cells read (all or curated) are part of their result hash
+        source: Optional[str] = resolve_synthetic_source(cfg.dataset.synthetic_source, storage, cfg.run)
+    except ValueError:
+        source = None  # curated without verdicts: the cells cannot match; the dataset check says why
     for domain in t.experiments:
         for seed in t.seeds:
             experiment = experiment_name(domain)
             key, model_key = layout.train_metrics(experiment, seed), layout.train_model(experiment, seed)
             check.checked += 2
-            finding = _record_finding(storage, key, TrainMetrics, "config_hash", config_hash(cfg, domain, seed))
+            finding = _record_finding(storage, key, TrainMetrics, "config_hash", config_hash(cfg, domain, seed, source))
             if finding is not None:
                 check.findings.append(finding)
                 if finding.kind != FOREIGN:
