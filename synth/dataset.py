@@ -581,7 +581,8 @@ def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
 
     # 2. The chosen techniques' images, by class and lineage group.
     found = Counter(m.technique for m in made.values())
-    techniques = list(d.techniques) if d.techniques is not None else sorted(found, key=_technique_order)
+    # Hostile examples are NOT the class they imitate: never synthetic training or test images.
+    techniques = list(d.techniques) if d.techniques is not None else sorted((t for t in found if t != "hostile"), key=_technique_order)
     for technique in techniques:
         if not found[technique]:
             log.warning("dataset: dataset.techniques lists %r, but run %r has no such images", technique, cfg.run)

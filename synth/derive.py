@@ -244,7 +244,9 @@ def generated_parents(cfg: Config, storage: Storage) -> ParentScan:
     plan_json = storage.read_json_or_none(layout.generate_plan) or {}
     full = bool(plan_json.get("keep_full_resolution"))
     ours = {class_slug(c): label for label, c in enumerate(cfg.prompts.classes)}
-    rows = [r for r in manifest.select(["id", "class_name", "prompt", "shard"]).to_pylist() if class_slug(r["class_name"]) in ours]
+    # Hostile examples are not their class: no child of one may be labelled with it.
+    rows = [r for r in manifest.select(["id", "class_name", "prompt", "shard", "technique"]).to_pylist()
+            if class_slug(r["class_name"]) in ours and r["technique"] != "hostile"]  # fmt: skip
     # The seeded choice first, so only the chosen parents' images are read.
     chosen = _chosen_ids(_ids_by_class(rows), cfg)
     rows = [r for r in rows if chosen is None or r["id"] in chosen]

@@ -84,7 +84,7 @@ def test_prompts_job_writes_table_config_and_summary(tmp_path):
     assert result.returncode == 0, result.stderr
     storage, layout = Storage(str(tmp_path)), Layout("smoke")
     assert storage.read_parquet(layout.prompts_table).num_rows == 2 * 32  # smoke: 32 per class
-    assert storage.read_json(layout.summary("prompts"))["techniques"]["template"] > 0
+    assert storage.read_json(layout.summary("prompts"))["techniques"]["environment"] > 0
     config = storage.read_bytes(layout.config_file("prompts")).decode()
     assert config.startswith("# synth 0.1.0") and "oil painting" in config
 
