@@ -802,8 +802,8 @@ def _validate_prompt_mix(cfg: Config) -> None:
     if p.hostile_per_class > 0:
         for key, items in (("prompts.hostile_templates", p.hostile_templates), ("prompts.hostile_objects", p.hostile_objects)):
             _require(len(items) > 0, key, items, "give at least one, or set prompts.hostile_per_class=0")
-        for t in p.hostile_templates:
-            _require("{object}" in t, "prompts.hostile_templates", t, "every hostile template must contain {object} and {cls}")
+    for t in p.hostile_templates:
+        _require("{object}" in t, "prompts.hostile_templates", t, "every hostile template must contain {object} and {cls}")
     r = p.guidance_scale_range
     _require(
         r is None or (len(r) == 2 and 0.0 <= r[0] <= r[1] <= 50.0),
