@@ -274,7 +274,10 @@ def _llm_summary(cfg: Config, storage, llm: Optional["LLMTexts"]) -> tuple[Optio
     slots = technique_counts(cfg.prompts)["llm"]
     fallback = {c: slots for c in cfg.prompts.classes if not llm.texts.get(c)}
     rejected = sum(llm.rejected.values())
-    reasons = ", ".join(f"{n:,} {r}" for r, n in llm.rejected.items())
+    from synth.llm import REASONS
+
+    rejected_by = {r: llm.rejected[r] for r in REASONS if llm.rejected.get(r)}  # the rules' order (JSON sorts keys)
+    reasons = ", ".join(f"{n:,} {r}" for r, n in rejected_by.items())
     line = (
         f"; llm {cfg.prompts.llm.model}: {llm.accepted:,} texts accepted"
         + (" (cached, 0 model calls)" if llm.from_cache else f" in {llm.calls:,} calls")
@@ -285,7 +288,7 @@ def _llm_summary(cfg: Config, storage, llm: Optional["LLMTexts"]) -> tuple[Optio
         "model": cfg.prompts.llm.model,
         "seed": cfg.prompts.llm.seed,
         "accepted": {c: len(llm.texts.get(c, [])) for c in cfg.prompts.classes},
-        "rejected": dict(llm.rejected),
+        "rejected": rejected_by,
         "rejected_total": rejected,
         "fallback_rows": sum(fallback.values()),
         "fallback_classes": sorted(fallback),
