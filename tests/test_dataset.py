@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import REPO, synth_imports
 from ray_jobs._cli import main as cli_main
-from synth.config import TECHNIQUES, ConfigError, load_config
+from synth.config import DERIVE_TECHNIQUES, TECHNIQUES, ConfigError, load_config
 from synth.dataset import (
     SPLITS, Item, carve_val, lineage_groups, load_split, load_split_table, run_dataset, seeded_order, split_groups,
     synthetic_split_sizes, val_size,
@@ -481,7 +481,7 @@ def test_lineage_groups_never_span_splits(tmp_path):
         check_split_tables(storage, "synthetic")
         syn = summary["domains"]["synthetic"]
         assert all(n > 0 for n in syn["images"].values()), syn["images"]
-        assert syn["source"] == "generate+derive" and syn["techniques"] == list(TECHNIQUES)
+        assert syn["source"] == "generate+derive" and syn["techniques"] == [t for t in TECHNIQUES if t in {"environment", "hard", *DERIVE_TECHNIQUES}]
         for split in SPLITS:
             ids = split_ids[split]
             per_technique = syn["per_technique"][split]
@@ -592,6 +592,17 @@ def test_fused_image_lands_with_both_parents(tmp_path):
     split_ids = assert_no_group_spans_splits(storage)
     split_of = {i: split for split, ids in split_ids.items() for i in ids}
     assert split_of["fusion-cat"] == split_of["gen-cat-01"] == split_of["gen-cat-04"]
+
+
+def test_hostile_examples_are_never_synthetic_split_images(tmp_path):
+    storage = Storage(str(tmp_path))
+    generated = [row(f"gen-{c}-{i:02d}", c, "environment") for c in CLASSES for i in range(6)]
+    hostile = [row(f"{c}-hostile-00000", c, "hostile") for c in CLASSES]
+    write_image_stage(storage, "generate", generated + hostile)
+    summary = run_dataset(lineage_cfg(tmp_path))
+    split_ids = assert_no_group_spans_splits(storage)
+    assert sorted(i for ids in split_ids.values() for i in ids) == sorted(r["id"] for r in generated)
+    assert summary["domains"]["synthetic"]["unselected_techniques"] == {"hostile": len(CLASSES)}
 
 
 def test_a_lineage_group_of_two_classes_is_a_clear_error(tmp_path):
