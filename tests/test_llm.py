@@ -66,20 +66,18 @@ def test_rejection_rules(text, reason):
     assert rejection(text, "cat", CLASSES, words_tokens, "A {cls} {text}") == reason
 
 
-def test_the_token_limit_counts_the_full_prompt_and_refuses_instead_of_cutting():
-    # Start + end + "A cat" = 4 tokens: 73 more words fit exactly, 74 do not.
-    fits, over = " ".join(["on"] * (CLIP_TOKENS - 4)), " ".join(["on"] * (CLIP_TOKENS - 3))
-    count = words_tokens
-    assert count("A cat " + fits) == CLIP_TOKENS
-    assert rejection(fits, "cat", CLASSES, count, "A {cls} {text}") in (None, "too_long")
-    # Word limits aside (a tokenizer that counts 4 tokens per word): the token rule alone decides.
-    four = lambda text: 2 + 4 * len(text.split())  # noqa: E731
-    assert rejection("walking along a quiet path", "cat", CLASSES, four, "A {cls} {text}") is None  # 2 + 4 * 7 = 30
-    long_ok = " ".join(["soft"] * 16)  # 2 + 4 * 18 = 74
-    long_bad = " ".join(["soft"] * 17)  # 2 + 4 * 19 = 78 > 77
-    assert rejection(long_ok, "cat", CLASSES, four, "A {cls} {text}") is None
-    assert rejection(long_bad, "cat", CLASSES, four, "A {cls} {text}") == "too_many_tokens"
-    assert over  # (the plain counter's over-length line is refused as too long before its tokens are counted)
+def test_the_token_limit_counts_the_full_prompt_with_the_generators_tokenizer(clip_tokenizer):
+    """The tiny CLIP tokenizer has no merges: one token per letter, plus start and end."""
+    from synth.llm import load_token_counter
+
+    count = load_token_counter(str(clip_tokenizer), "tokenizer", "generate.model")  # a tokenizer folder of its own
+    assert count("A cat") == 2 + 4
+    fits = " ".join(["sleepin"] * 10) + " a"  # 71 letters: "A cat " + it is exactly 77 tokens
+    assert count(f"A cat {fits}") == CLIP_TOKENS
+    assert rejection(fits, "cat", CLASSES, count, "A {cls} {text}") is None
+    assert rejection(fits + "a", "cat", CLASSES, count, "A {cls} {text}") == "too_many_tokens"  # refused, never cut
+    # The template is part of what is counted.
+    assert rejection(fits, "cat", CLASSES, count, "A photo of a {cls} {text}") == "too_many_tokens"
 
 
 def scripted(lines: dict[tuple[str, int], list[str]], calls: list):
