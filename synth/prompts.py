@@ -268,14 +268,13 @@ def _llm_summary(cfg: Config, storage, llm: Optional["LLMTexts"]) -> tuple[Optio
     """The summary's llm entry and the printed line's llm part (None, "" when the llm share is 0)."""
     if not llm_wanted(cfg):
         return None, ""
+    from synth.llm import REASONS
     from synth.storage import Layout
 
     assert llm is not None
     slots = technique_counts(cfg.prompts)["llm"]
     fallback = {c: slots for c in cfg.prompts.classes if not llm.texts.get(c)}
     rejected = sum(llm.rejected.values())
-    from synth.llm import REASONS
-
     rejected_by = {r: llm.rejected[r] for r in REASONS if llm.rejected.get(r)}  # the rules' order (JSON sorts keys)
     reasons = ", ".join(f"{n:,} {r}" for r, n in rejected_by.items())
     line = (
