@@ -61,6 +61,39 @@ class RayConfig:
 
 
 @dataclass
+class TechniqueMix:
+    """Shares of a class's per_class prompt rows, by technique (see synth.prompts); they sum to 1."""
+
+    vanilla: float = 0.1  # "a photo of a {cls}": plain class-name prompts
+    environment: float = 0.6  # templates x environments x styles
+    domain: float = 0.2  # "a {domain} of a {cls}": photo, drawing, painting, sketch, 3D render, ...
+    hard: float = 0.1  # hard positive cases: occlusion, dim light, clutter
+    llm: float = 0.0  # "A {cls} {text written by prompts.llm.model}"
+
+
+@dataclass
+class LLMConfig:
+    """A local causal language model that writes short action/scene phrases per class (synth.llm)."""
+
+    # A Hugging Face id or a local folder (save_pretrained) of a causal LM; an instruct model with
+    # a chat template works best.
+    model: str = "HuggingFaceTB/SmolLM2-360M-Instruct"
+    # Distinct accepted texts wanted per class (llm rows cycle through them).
+    per_class: int = 50
+    seed: int = 0
+    max_new_tokens: int = 24
+    temperature: float = 0.9
+    top_p: float = 0.95
+    # Sampling rounds per class (each asks for per_class candidates) before giving up on more.
+    attempts: int = 4
+    # The full prompt: {text} is the model's phrase.
+    template: str = "A {cls} {text}"
+    # The text encoder's tokenizer the 77-token limit is counted with: null = generate.model's
+    # "tokenizer" subfolder; or a folder / id holding a CLIP tokenizer.
+    tokenizer: Optional[str] = None
+
+
+@dataclass
 class PromptsConfig:
     classes: List[str] = field(default_factory=lambda: list(CIFAR10_ANIMALS))
     per_class: int = 6000
@@ -105,8 +138,8 @@ class PromptsConfig:
             "golden hour",
         ]
     )
-    # Hard cases real photographs contain: occlusion, odd viewpoints, clutter, bad light.
-    adversarial_templates: List[str] = field(
+    # Hard positive cases real photographs contain: occlusion, odd viewpoints, clutter, bad light.
+    hard_templates: List[str] = field(
         default_factory=lambda: [
             "a {cls} partly hidden behind leaves",
             "a blurry photo of a {cls} in motion",
@@ -118,7 +151,40 @@ class PromptsConfig:
             "a grainy black and white photo of a {cls}",
         ]
     )
-    adversarial_fraction: float = 0.1
+    # Plain class-name prompts (technique vanilla).
+    vanilla_templates: List[str] = field(
+        default_factory=lambda: ["a photo of a {cls}", "a {cls}", "a picture of a {cls}", "a close-up photo of a {cls}"]
+    )
+    # Technique domain: "{domain}" is replaced by one of domains (no vowel-initial entries: "a {domain}").
+    domain_template: str = "a {domain} of a {cls}"
+    domains: List[str] = field(
+        default_factory=lambda: [
+            "photo", "drawing", "painting", "sketch", "3D render", "watercolor painting", "cartoon",
+            "pencil sketch", "charcoal drawing", "digital illustration", "low-poly model", "studio photograph",
+        ]
+    )  # fmt: skip
+    # The share of each class's per_class rows per technique (see TechniqueMix); sums to 1.
+    techniques: TechniqueMix = field(default_factory=TechniqueMix)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    # Hostile examples: the class's look on the wrong object, NOT the class (label = the class it
+    # imitates): an evaluation set for the fooling rate. Extra rows per class, on top of per_class.
+    hostile_per_class: int = 0
+    hostile_templates: List[str] = field(
+        default_factory=lambda: [
+            "a {object} with the coat pattern and colours of a {cls}",
+            "a {object} shaped like a {cls}",
+            "a {object} made to look like a {cls}",
+            "a {object} with the texture of a {cls}",
+        ]
+    )
+    hostile_objects: List[str] = field(
+        default_factory=lambda: [
+            "car", "teapot", "sofa", "cloud", "building", "lamp", "backpack", "mug", "rock", "cake", "kite", "pillow",
+        ]
+    )  # fmt: skip
+    # Per-image classifier-free guidance: [low, high], a seeded draw per row (recorded in the prompt
+    # table's guidance_scale); null: every image uses generate.guidance_scale.
+    guidance_scale_range: Optional[List[float]] = None
     negative_prompt: str = "text, watermark, cartoon, drawing, multiple animals, deformed"
 
 
@@ -242,7 +308,7 @@ class DatasetConfig:
     image_size: int = 32
     # Which domains to build: [real] prepares real data before any images are generated.
     domains: List[str] = field(default_factory=lambda: ["real", "synthetic"])
-    # Synthetic images of these techniques only (text-to-image: template, adversarial; from parent
+    # Synthetic images of these techniques only (text-to-image: vanilla, environment, domain, hard, llm; from parent
     # images: variation, fusion, inpainting); None: every technique the generate and derive stages made.
     techniques: Optional[List[str]] = None
     # Which synthetic train/val images the train and tune stages read: all | curated (the curate
@@ -657,18 +723,13 @@ def validate(cfg: Config) -> None:
     )
     _require(p.per_class >= 1, "prompts.per_class", p.per_class, "must be at least 1")
     _require(len(p.templates) > 0, "prompts.templates", p.templates, "give at least one template")
-    for key, templates in (("prompts.templates", p.templates), ("prompts.adversarial_templates", p.adversarial_templates)):
+    for key, templates in (("prompts.templates", p.templates), ("prompts.hard_templates", p.hard_templates),
+                           ("prompts.vanilla_templates", p.vanilla_templates), ("prompts.hostile_templates", p.hostile_templates)):  # fmt: skip
         for t in templates:
             _require("{cls}" in t, key, t, "every template must contain {cls} so the prompt names its class")
     _require(len(p.environments) > 0, "prompts.environments", p.environments, "give at least one environment (\"\" is allowed)")
     _require(len(p.styles) > 0, "prompts.styles", p.styles, "give at least one style (\"\" is allowed)")
-    _require(0.0 <= p.adversarial_fraction <= 1.0, "prompts.adversarial_fraction", p.adversarial_fraction, "must be in [0, 1]")
-    _require(
-        p.adversarial_fraction == 0.0 or len(p.adversarial_templates) > 0,
-        "prompts.adversarial_templates",
-        p.adversarial_templates,
-        "give adversarial templates or set prompts.adversarial_fraction=0",
-    )
+    _validate_prompt_mix(cfg)
 
     g = cfg.generate
     _require_generator("generate.generator", g.generator, "synth.testkit:ClassAwareTestGenerator")
@@ -747,6 +808,60 @@ def validate(cfg: Config) -> None:
         "must be at least 1, or null to validate on the whole split after each epoch",
     )
     _validate_tune(cfg)
+
+
+def _validate_prompt_mix(cfg: Config) -> None:
+    """prompts.techniques, and the knobs of each technique in use; hostile examples; the guidance range."""
+    p = cfg.prompts
+    mix = {t: getattr(p.techniques, t) for t in PROMPT_TECHNIQUES}
+    example = "prompts.techniques.environment=0.7 prompts.techniques.llm=0"
+    for t, share in mix.items():
+        _require(share >= 0.0, f"prompts.techniques.{t}", share, f"shares must be >= 0 (0 turns {t} off)")
+    total = sum(mix.values())
+    _require(
+        abs(total - 1.0) <= 1e-6,
+        "prompts.techniques",
+        mix,
+        f"the shares sum to {total:g}, not 1; set all five so they sum to 1, e.g. {example}",
+    )
+    in_use = {t for t, share in mix.items() if share > 0}
+    for t, key, items in (("vanilla", "prompts.vanilla_templates", p.vanilla_templates), ("domain", "prompts.domains", p.domains),
+                          ("hard", "prompts.hard_templates", p.hard_templates)):  # fmt: skip
+        _require(t not in in_use or len(items) > 0, key, items, f"give at least one, or set prompts.techniques.{t}=0")
+    _require(
+        "{cls}" in p.domain_template and "{domain}" in p.domain_template,
+        "prompts.domain_template",
+        p.domain_template,
+        "must contain {domain} and {cls}, e.g. 'a {domain} of a {cls}'",
+    )
+    m = p.llm
+    if "llm" in in_use:
+        _require(m.per_class >= 1, "prompts.llm.per_class", m.per_class, "must be at least 1, or set prompts.techniques.llm=0")
+    _require(bool(m.model.strip()), "prompts.llm.model", m.model, "give a Hugging Face id or a local folder of a causal language model")
+    _require(0 <= m.seed < 2**63, "prompts.llm.seed", m.seed, "must be a non-negative integer")
+    _require(1 <= m.max_new_tokens <= 512, "prompts.llm.max_new_tokens", m.max_new_tokens, "must be in [1, 512]")
+    _require(0.0 < m.temperature <= 10.0, "prompts.llm.temperature", m.temperature, "must be in (0, 10]")
+    _require(0.0 < m.top_p <= 1.0, "prompts.llm.top_p", m.top_p, "must be in (0, 1]")
+    _require(1 <= m.attempts <= 100, "prompts.llm.attempts", m.attempts, "must be in [1, 100]")
+    _require(
+        "{cls}" in m.template and "{text}" in m.template, "prompts.llm.template", m.template, "must contain {cls} and {text}"
+    )
+    _require(m.tokenizer is None or bool(m.tokenizer.strip()), "prompts.llm.tokenizer", m.tokenizer, "give a folder or id, or null")
+    _require(
+        p.hostile_per_class >= 0, "prompts.hostile_per_class", p.hostile_per_class, "must be >= 0 (0: no hostile examples)"
+    )
+    if p.hostile_per_class > 0:
+        for key, items in (("prompts.hostile_templates", p.hostile_templates), ("prompts.hostile_objects", p.hostile_objects)):
+            _require(len(items) > 0, key, items, "give at least one, or set prompts.hostile_per_class=0")
+    for t in p.hostile_templates:
+        _require("{object}" in t, "prompts.hostile_templates", t, "every hostile template must contain {object} and {cls}")
+    r = p.guidance_scale_range
+    _require(
+        r is None or (len(r) == 2 and 0.0 <= r[0] <= r[1] <= 50.0),
+        "prompts.guidance_scale_range",
+        r,
+        "give [low, high] with 0 <= low <= high <= 50, e.g. [1.0,7.5], or null to use generate.guidance_scale",
+    )
 
 
 VARIATION_METHODS = ("img2img", "embedding")
@@ -871,7 +986,11 @@ REAL_SOURCES = ("cifar10", "folder")
 DATASET_DOMAINS = ("real", "synthetic")
 # How a synthetic image was made: text-to-image (the generate stage), then from parent images (derive).
 DERIVE_TECHNIQUES = ("variation", "fusion", "inpainting")
-TECHNIQUES = ("template", "adversarial", *DERIVE_TECHNIQUES)
+# The per-class prompt mix (prompts.techniques), then hostile examples (NOT the class they imitate:
+# evaluation only, never trained on), then the derived techniques.
+PROMPT_TECHNIQUES = ("vanilla", "environment", "domain", "hard", "llm")
+TECHNIQUES = (*PROMPT_TECHNIQUES, "hostile", *DERIVE_TECHNIQUES)
+TRAIN_TECHNIQUES = tuple(t for t in TECHNIQUES if t != "hostile")
 
 
 def _validate_dataset(cfg: Config) -> None:
@@ -912,18 +1031,14 @@ def _validate_dataset(cfg: Config) -> None:
     )
     _require(
         d.techniques is None
-        or (len(d.techniques) > 0 and len(set(d.techniques)) == len(d.techniques) and set(d.techniques) <= set(TECHNIQUES)),
+        or (len(d.techniques) > 0 and len(set(d.techniques)) == len(d.techniques) and set(d.techniques) <= set(TRAIN_TECHNIQUES)),
         "dataset.techniques",
         d.techniques,
-        f"give distinct techniques from {list(TECHNIQUES)}, e.g. dataset.techniques=[template,variation], "
+        f"give distinct techniques from {list(TRAIN_TECHNIQUES)}, e.g. dataset.techniques=[environment,variation], "
         "or null for every technique",
     )
 
 
-# Issue 12 (the ablation and the curated read side). The prompts change renames the text-to-image
-# techniques (template -> environment, adversarial -> hard) and adds these; hostile images are a
-# test domain, never training data.
-TRAIN_TECHNIQUES = ("vanilla", "environment", "domain", "hard", "llm", *DERIVE_TECHNIQUES)
 SYNTHETIC_SOURCES = ("auto", "all", "curated")
 # Test domains: adversarial (hostile images) is skipped with a warning when a run made none.
 TEST_DOMAINS = ("real", "synthetic", "mixture", "adversarial")

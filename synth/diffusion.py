@@ -362,23 +362,54 @@ class DiffusersGenerator:
             self.kind = "text2img"
             self.pipe = _ready(AutoPipelineForText2Image.from_pretrained(cfg.model, dtype=dtype), self.device)
 
-    def generate(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int]) -> GeneratedImages:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        negatives: Sequence[str],
+        seeds: Sequence[int],
+        guidance_scales: Optional[Sequence[Optional[float]]] = None,
+    ) -> GeneratedImages:
+        """One image per prompt; ``guidance_scales``: one per prompt (None: ``generate.guidance_scale``).
+
+        Rows are grouped by guidance value, one pipeline call per group, and returned in their
+        order; a batch without values of its own is one call, exactly as without the argument.
+        """
+        default = self.cfg.guidance_scale
+        scales = [default if g is None else float(g) for g in (guidance_scales or [None] * len(prompts))]
+        groups: dict[float, list[int]] = {}
+        for i, g in enumerate(scales):
+            groups.setdefault(g, []).append(i)
+        if len(groups) == 1:
+            return self._generate(prompts, negatives, seeds, scales[0] if scales else default)
+        order, smalls, fulls = [], [], []
+        for g, idx in groups.items():
+            images = self._generate([prompts[i] for i in idx], [negatives[i] for i in idx], [seeds[i] for i in idx], g)
+            order += idx
+            smalls.append(images.small)
+            if images.full is not None:
+                fulls.append(images.full)
+        back = np.argsort(order)  # position of each original row in the concatenated groups
+        small = np.concatenate(smalls)[back]
+        full = np.concatenate(fulls)[back] if fulls else None
+        return GeneratedImages(small=small, full=full)
+
+    def _generate(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int], guidance: float) -> GeneratedImages:
         import torch
 
         cfg = self.cfg
         # Negative prompts only act through classifier-free guidance (scale > 1).
-        guided = cfg.guidance_scale > 1.0
+        guided = guidance > 1.0
         with torch.inference_mode():
             if self.kind == "prior":
-                images = self._prior_decoder(list(prompts), list(negatives) if guided else None, seeds)
+                images = self._prior_decoder(list(prompts), list(negatives) if guided else None, seeds, guidance)
             elif self.kind == "unclip":
                 images = self.pipe(
                     prompt=list(prompts),
                     prior_num_inference_steps=max(cfg.steps, MIN_UNCLIP_STEPS),
                     decoder_num_inference_steps=max(cfg.steps, MIN_UNCLIP_STEPS),
                     super_res_num_inference_steps=max(cfg.steps, MIN_UNCLIP_STEPS),
-                    prior_guidance_scale=cfg.guidance_scale,
-                    decoder_guidance_scale=cfg.guidance_scale,
+                    prior_guidance_scale=guidance,
+                    decoder_guidance_scale=guidance,
                     generator=_generators(self.device, seeds),
                     output_type="np",
                 ).images  # (B, H, W, 3) float in [0, 1], on the CPU whatever the device
@@ -388,7 +419,7 @@ class DiffusersGenerator:
                     prompt=list(prompts),
                     negative_prompt=list(negatives) if guided else None,
                     num_inference_steps=cfg.steps,
-                    guidance_scale=cfg.guidance_scale,
+                    guidance_scale=guidance,
                     height=cfg.height,
                     width=cfg.width,
                     generator=_generators(self.device, seeds),
@@ -396,7 +427,7 @@ class DiffusersGenerator:
                 ).images  # (B, 3, H, W) in [0, 1], on the device
             return _finish(images, cfg.image_size, cfg.keep_full_resolution)
 
-    def _prior_decoder(self, prompts: list[str], negatives: Optional[list[str]], seeds: Sequence[int]):
+    def _prior_decoder(self, prompts: list[str], negatives: Optional[list[str]], seeds: Sequence[int], guidance: float):
         cfg = self.cfg
         # With negatives the prior runs prompts + negatives as one batch of 2B (a negative's image
         # embedding is diffused too): each half gets its own generators, seeded by the image's seed.
@@ -405,13 +436,13 @@ class DiffusersGenerator:
             prompt=prompts,
             negative_prompt=negatives,
             num_inference_steps=max(cfg.steps, MIN_UNCLIP_STEPS),
-            guidance_scale=cfg.guidance_scale,
+            guidance_scale=guidance,
             generator=_generators(self.device, prior_seeds),
             output_type="pt",
         )  # image_embeds, negative_image_embeds: (B, D); without negatives the latter is the zero-image embedding
         return _decode_embeddings(
             self.pipe, out.image_embeds, out.negative_image_embeds, seeds, self.device,
-            cfg.height, cfg.width, cfg.steps, cfg.guidance_scale,
+            cfg.height, cfg.width, cfg.steps, guidance,
         )  # fmt: skip
 
 

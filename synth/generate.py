@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -61,7 +62,12 @@ class Generator(Protocol):
 
     def generate(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int]) -> GeneratedImages:
         """One image per prompt, each a function of its own prompt, negative and seed only (not of
-        its batch), so a retried shard rewrites the same images."""
+        its batch), so a retried shard rewrites the same images.
+
+        A generator that honours per-image guidance (``prompts.guidance_scale_range``) also takes
+        ``guidance_scales``: one value per prompt, None for ``generate.guidance_scale``. It is passed
+        only when some row of the batch has a value of its own.
+        """
         ...
 
 
@@ -117,7 +123,11 @@ class TextToImage:
         generator = build_generator(self.cfg, self.classes)
 
         def make(rows: list[dict]) -> GeneratedImages:
-            return generator.generate([r["prompt"] for r in rows], [r["negative"] for r in rows], [r["seed"] for r in rows])
+            args = ([r["prompt"] for r in rows], [r["negative"] for r in rows], [r["seed"] for r in rows])
+            guidance = [r.get("guidance_scale") for r in rows]
+            if any(g is not None for g in guidance):
+                return generator.generate(*args, guidance_scales=guidance)
+            return generator.generate(*args)
 
         return make
 
@@ -126,7 +136,10 @@ def plan_for(cfg: Config, prompts: pa.Table) -> dict:
     """Everything the stored images depend on; a rerun must match it exactly."""
     g = cfg.generate
     digest = hashlib.sha256()
-    for name in ("id", "label", "prompt", "negative", "seed"):
+    names = ["id", "label", "prompt", "negative", "seed"]
+    if "guidance_scale" in prompts.column_names and prompts.column("guidance_scale").null_count < prompts.num_rows:
+        names.append("guidance_scale")  # per-image guidance changes the images; without it the hash is as before
+    for name in names:
         digest.update("\x1e".join(map(str, prompts.column(name).to_pylist())).encode())
     return {
         "prompt_table_sha256": digest.hexdigest(),
@@ -146,8 +159,28 @@ def plan_for(cfg: Config, prompts: pa.Table) -> dict:
 
 
 def shard_rows(prompts: pa.Table, shard_size: int) -> list[list[dict]]:
-    """Rows of each shard: the prompt table sorted by id, cut every ``shard_size`` rows."""
-    return cut_shards(prompts.to_pylist(), shard_size)
+    """Rows of each shard: the prompt table sorted by id, cut every ``shard_size`` rows.
+
+    A row's params (JSON in the table) become a mapping, with its own guidance scale where it
+    has one, so the manifest's params column records both.
+    """
+    rows = prompts.to_pylist()
+    for r in rows:
+        params = json.loads(r.get("params") or "{}")
+        if r.get("guidance_scale") is not None:
+            params["guidance_scale"] = r["guidance_scale"]
+        r["params"] = params
+    return cut_shards(rows, shard_size)
+
+
+def takes_guidance(generator: type) -> bool:
+    """Whether a generator class's ``generate`` takes per-image ``guidance_scales``."""
+    import inspect
+
+    try:
+        return "guidance_scales" in inspect.signature(generator.generate).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
@@ -162,6 +195,12 @@ def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
 
     # 1. Fail fast on anything that would waste a cluster: generator, storage, model, plan.
     generator = generator_class(cfg.generate.generator)  # imports a module:Class path, here on the driver
+    if cfg.prompts.guidance_scale_range is not None and not takes_guidance(generator):
+        raise ConfigError(
+            f"prompts.guidance_scale_range={cfg.prompts.guidance_scale_range} needs a generator that takes per-image "
+            f"guidance, and generate.generator={cfg.generate.generator!r} has no guidance_scales argument. "
+            "Fix: set prompts.guidance_scale_range=null, or give generate() a guidance_scales argument"
+        )
     storage.check_writable()
     gen_cfg = cfg.generate
     if generator.needs_model:

@@ -461,6 +461,10 @@ class Layout:
     def prompts_table(self) -> str:
         return f"{self.run}/prompts/prompts.parquet"
 
+    @property
+    def llm_texts(self) -> str:
+        return f"{self.run}/prompts/llm.parquet"
+
     # image jobs: generate (text-to-image) and derive (from parent images) keep the same layout
     def shard(self, stage: str, shard: int) -> str:
         return f"{self.run}/{stage}/shards/shard-{shard:05d}.parquet"

@@ -16,9 +16,11 @@
 
 - :func:`build_tiny_random_clip` writes a random-weight CLIP for the curate stage, and
   :class:`ColourTestScorer` scores images exactly by their mean colour.
+- :func:`build_tiny_random_llm` writes a tiny random-weight GPT-2 and a character-level
+  tokenizer (with a chat template) for :mod:`synth.llm`: it writes garbage, by design.
 
 Usage: ``python -m synth.testkit tiny-sd <folder>`` (or ``tiny-sd-inpaint``, ``tiny-kandinsky``,
-``tiny-unclip``, ``tiny-clip``) or ``cifar10-fixture <folder>``.
+``tiny-unclip``, ``tiny-clip``, ``tiny-llm``) or ``cifar10-fixture <folder>``.
 """
 
 from __future__ import annotations
@@ -397,7 +399,8 @@ class ClassAwareTestGenerator:
     def __init__(self, cfg: GenerateConfig, classes: Sequence[str]):
         self.cfg, self.classes = cfg, list(classes)
 
-    def generate(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int]) -> GeneratedImages:
+    def generate(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int], guidance_scales=None) -> GeneratedImages:
+        """``guidance_scales`` is accepted and ignored: a class pattern has no guidance to scale."""
         from synth.images import GeneratedImages
 
         labels = [find_class(p, self.classes) for p in prompts]
@@ -414,11 +417,11 @@ class SlowClassAwareTestGenerator(ClassAwareTestGenerator):
 
     seconds_per_image = 0.02
 
-    def generate(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int]) -> GeneratedImages:
+    def generate(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int], guidance_scales=None) -> GeneratedImages:
         import time
 
         time.sleep(self.seconds_per_image * len(prompts))
-        return super().generate(prompts, negatives, seeds)
+        return super().generate(prompts, negatives, seeds, guidance_scales)
 
 
 class ClassAwareTestDeriver:
@@ -736,12 +739,54 @@ def tag_dataset_split(storage, run: str, domain: str, split: str, techniques, ac
     storage.write_parquet(key, table)
 
 
+
+# -- tiny random causal language model ------------------------------------------------------
+
+# Single characters only: whatever the random model samples decodes to one-letter "words" and
+# symbols, so no line can pass synth.llm's rules (the garbage path, deterministically).
+_TINY_LLM_CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?-'\"()[]{}#$%&*+/<=>@^_|~")
+TINY_LLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tiny_random_llm(path, chat_template: bool = True) -> Path:
+    """A tiny GPT-2 causal LM with **random weights** and a character-level tokenizer, saved with
+    ``save_pretrained`` to ``path`` (no downloads). It returns garbage by design."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + _TINY_LLM_CHARS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # every character its own token
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        additional_special_tokens=specials[4:],
+    )  # fmt: skip
+    if chat_template:
+        tokenizer.chat_template = TINY_LLM_CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(vocab), n_positions=256, n_embd=16, n_layer=2, n_head=2,
+        bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
+    )  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 USAGE = """usage:
   python -m synth.testkit tiny-sd <folder>                     random-weight tiny Stable Diffusion pipeline
   python -m synth.testkit tiny-sd-inpaint <folder>             ... its inpainting variant (9-channel UNet)
   python -m synth.testkit tiny-kandinsky <folder>              ... Kandinsky 2.2 prior + decoder (<folder>/prior, <folder>/decoder)
   python -m synth.testkit tiny-unclip <folder>                 ... UnCLIP (Karlo's architecture)
   python -m synth.testkit tiny-clip <folder>                   random-weight tiny CLIP (model + processor) for curate
+  python -m synth.testkit tiny-llm <folder>                    random-weight tiny causal language model (GPT-2) and tokenizer
   python -m synth.testkit cifar10-fixture <folder> [TRAIN TEST] class-aware CIFAR-10 python-format fixture
   python -m synth.testkit photo-folder <folder> CLASS [CLASS ...]  class-aware stand-in photos: <folder>/{train,test}/<class>/
 """
@@ -767,6 +812,10 @@ def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "tiny-clip":
         folder = build_tiny_random_clip(argv[1])
         print(f"tiny random-weight CLIP written to {folder}")
+        return 0
+    if len(argv) == 2 and argv[0] == "tiny-llm":
+        folder = build_tiny_random_llm(argv[1])
+        print(f"tiny random-weight causal language model written to {folder}")
         return 0
     if len(argv) >= 3 and argv[0] == "photo-folder":
         folder = write_image_folder_fixture(argv[1], argv[2:], per_class=6, splits=("train",), size=64)

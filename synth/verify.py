@@ -64,6 +64,7 @@ class StageCheck:
 
 
 def check_prompts(cfg: Config, storage: Storage) -> StageCheck:
+    from synth.llm import read_llm_texts
     from synth.prompts import build_prompt_table
 
     layout = Layout(cfg.run)
@@ -80,7 +81,7 @@ def check_prompts(cfg: Config, storage: Storage) -> StageCheck:
     except Exception as exc:  # pyarrow raises several types for a damaged file
         check.findings.append(Finding(CORRUPT, key, f"unreadable ({type(exc).__name__})"))
         return check
-    if not stored.equals(build_prompt_table(cfg)):
+    if not stored.equals(build_prompt_table(cfg, read_llm_texts(cfg, storage))):
         reason = "built from another prompts config than this one; verify with the config that made the run"
         check.findings.append(Finding(FOREIGN, key, reason, repairable=False))
     else:
@@ -90,13 +91,14 @@ def check_prompts(cfg: Config, storage: Storage) -> StageCheck:
 
 def check_generate(cfg: Config, storage: Storage) -> StageCheck:
     from synth.generate import plan_for, shard_rows
+    from synth.llm import read_llm_texts
     from synth.prompts import build_prompt_table
 
     layout = Layout(cfg.run)
     check = StageCheck("generate", ran=_image_job_started(storage, layout, "generate"))
     if not check.ran:
         return check
-    prompts = build_prompt_table(cfg)
+    prompts = build_prompt_table(cfg, read_llm_texts(cfg, storage))
     return _check_image_job(check, storage, layout, plan_for(cfg, prompts), shard_rows(prompts, cfg.generate.shard_size))
 
 

@@ -37,7 +37,8 @@ def test_overrides_win_and_are_typed():
         (["generate.batch_size=0"], "generate.batch_size=0 is invalid"),
         (["prompts.classes=[]"], "give at least one class"),
         (["prompts.classes=[cat,Cat]"], "must be distinct"),
-        (["prompts.adversarial_fraction=1.5"], "must be in [0, 1]"),
+        (["prompts.techniques.hard=1.5"], "sum to 2.4, not 1"),
+        (["prompts.techniques.adversarial=0.1"], "unknown config key 'prompts.techniques.adversarial'"),
         (["generate.height=100"], "multiple of 8"),
         (["generate.generator=gan"], "choose a registered generator (diffusers) or give a class as package.module:ClassName"),
         # The test generator's old registered name: the message shows its import path.

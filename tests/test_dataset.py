@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import REPO, synth_imports
 from ray_jobs._cli import main as cli_main
-from synth.config import TECHNIQUES, ConfigError, load_config
+from synth.config import DERIVE_TECHNIQUES, TECHNIQUES, ConfigError, load_config
 from synth.dataset import (
     SPLITS, Item, carve_val, lineage_groups, load_split, load_split_table, run_dataset, seeded_order, split_groups,
     synthetic_split_sizes, val_size,
@@ -407,9 +407,9 @@ def derived_rows(parents_by_class: dict[str, list[str]], variations: int, fusion
 
 
 def write_lineage_run(storage: Storage, parents_per_class: int = 24, variations: int = 3, fusions: int = 12) -> None:
-    """Text-to-image parents (template and adversarial) in generate; variations, inpaintings, fusions in derive."""
+    """Text-to-image parents (environment and hard) in generate; variations, inpaintings, fusions in derive."""
     generated = [
-        row(f"gen-{c}-{i:04d}", c, "adversarial" if i % 4 == 0 else "template") for c in CLASSES for i in range(parents_per_class)
+        row(f"gen-{c}-{i:04d}", c, "hard" if i % 4 == 0 else "environment") for c in CLASSES for i in range(parents_per_class)
     ]
     write_image_stage(storage, "generate", generated)
     parents = {c: [r["id"] for r in generated if r["class_name"] == c] for c in CLASSES}
@@ -483,7 +483,7 @@ def test_lineage_groups_never_span_splits(tmp_path):
         check_split_tables(storage, "synthetic")
         syn = summary["domains"]["synthetic"]
         assert all(n > 0 for n in syn["images"].values()), syn["images"]
-        assert syn["source"] == "generate+derive" and syn["techniques"] == list(TECHNIQUES)
+        assert syn["source"] == "generate+derive" and syn["techniques"] == [t for t in TECHNIQUES if t in {"environment", "hard", *DERIVE_TECHNIQUES}]
         for split in SPLITS:
             ids = split_ids[split]
             per_technique = syn["per_technique"][split]
@@ -495,7 +495,7 @@ def test_lineage_groups_never_span_splits(tmp_path):
         # An image's source is the shard of the stage that made it.
         train = tables(storage, "synthetic")["train"]
         for image_id, source in zip(train.column("id").to_pylist(), train.column("source").to_pylist()):
-            stage = "generate" if rows[image_id]["technique"] in ("template", "adversarial") else "derive"
+            stage = "generate" if rows[image_id]["technique"] in ("environment", "hard") else "derive"
             assert source.startswith(f"{RUN}/{stage}/shards/shard-"), (image_id, source)
     # The quotas hold in images, test passing its quota by less than one group.
     first = run_dataset(lineage_cfg(tmp_path, "dataset.synthetic_train_per_class=80", "dataset.synthetic_test_per_class=30"))
@@ -521,15 +521,15 @@ def test_technique_selection_keeps_exactly_the_listed_techniques(tmp_path, capsy
     assert syn["techniques"] == ["variation", "fusion"]
     assert all(set(syn["per_technique"][s]) == {"variation", "fusion"} for s in SPLITS)
     assert syn["unselected_techniques"] == {
-        t: sum(r["technique"] == t for r in rows.values()) for t in ("adversarial", "inpainting", "template")
+        t: sum(r["technique"] == t for r in rows.values()) for t in ("hard", "inpainting", "environment")
     }
     assert "variation " in capsys.readouterr().out  # the stage's line says what each technique gave
 
     # Text-to-image only: exactly the generate manifest's images, every one used (proportional split).
-    run_dataset(lineage_cfg(tmp_path, "dataset.techniques=[template,adversarial]"))
+    run_dataset(lineage_cfg(tmp_path, "dataset.techniques=[environment,hard]"))
     split_ids = assert_no_group_spans_splits(storage)
     assert sorted(i for ids in split_ids.values() for i in ids) == sorted(
-        i for i, r in rows.items() if r["technique"] in ("template", "adversarial")
+        i for i, r in rows.items() if r["technique"] in ("environment", "hard")
     )
     # A class with no images of the chosen techniques is a clear error.
     write_image_stage(storage, "derive", [r for r in rows.values() if r["technique"] == "variation" and r["class_name"] != "dog"])
@@ -583,7 +583,7 @@ def ungrouped_splits(ids: list[str], class_name: str, seed: int, fraction: float
 
 def test_fused_image_lands_with_both_parents(tmp_path):
     storage = Storage(str(tmp_path))
-    generated = [row(f"gen-{c}-{i:02d}", c, "template") for c in CLASSES for i in range(6)]
+    generated = [row(f"gen-{c}-{i:02d}", c, "environment") for c in CLASSES for i in range(6)]
     write_image_stage(storage, "generate", generated)
     fused = [row(f"fusion-{c}", c, "fusion", [f"gen-{c}-01", f"gen-{c}-04"]) for c in CLASSES]
     write_image_stage(storage, "derive", fused)
@@ -596,9 +596,20 @@ def test_fused_image_lands_with_both_parents(tmp_path):
     assert split_of["fusion-cat"] == split_of["gen-cat-01"] == split_of["gen-cat-04"]
 
 
+def test_hostile_examples_are_never_synthetic_split_images(tmp_path):
+    storage = Storage(str(tmp_path))
+    generated = [row(f"gen-{c}-{i:02d}", c, "environment") for c in CLASSES for i in range(6)]
+    hostile = [row(f"{c}-hostile-00000", c, "hostile") for c in CLASSES]
+    write_image_stage(storage, "generate", generated + hostile)
+    summary = run_dataset(lineage_cfg(tmp_path))
+    split_ids = assert_no_group_spans_splits(storage)
+    assert sorted(i for ids in split_ids.values() for i in ids) == sorted(r["id"] for r in generated)
+    assert summary["domains"]["synthetic"]["unselected_techniques"] == {"hostile": len(CLASSES)}
+
+
 def test_a_lineage_group_of_two_classes_is_a_clear_error(tmp_path):
     storage = Storage(str(tmp_path))
-    write_image_stage(storage, "generate", [row(f"gen-{c}-0", c, "template") for c in CLASSES])
+    write_image_stage(storage, "generate", [row(f"gen-{c}-0", c, "environment") for c in CLASSES])
     write_image_stage(storage, "derive", [row("gen-bird-0-v0", "cat", "variation", ["gen-bird-0"])])
     with pytest.raises(ConfigError, match=r"'gen-bird-0'.*spans several classes.*rerun the derive stage"):
         run_dataset(lineage_cfg(tmp_path))
@@ -632,12 +643,12 @@ def test_real_domain_val_carve_is_a_seeded_choice_of_images():
 
 
 def test_techniques_config_validation():
-    assert load_config(None, ["dataset.techniques=[template,variation]"]).dataset.techniques == ["template", "variation"]
+    assert load_config(None, ["dataset.techniques=[environment,variation]"]).dataset.techniques == ["environment", "variation"]
     assert load_config(None, ["dataset.techniques=null"]).dataset.techniques is None
     assert load_config(None, []).dataset.techniques is None
     for bad in ("dataset.techniques=[]", "dataset.techniques=[warp]", "dataset.techniques=[fusion,fusion]",
                 "dataset.techniques=fusion"):  # fmt: skip
-        with pytest.raises(ConfigError, match=r"dataset\.techniques.*(template|\[first,second\])") as err:
+        with pytest.raises(ConfigError, match=r"dataset\.techniques.*(environment|\[first,second\])") as err:
             load_config(None, [bad])
         assert "\n" not in str(err.value)
 

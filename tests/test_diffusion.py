@@ -126,6 +126,29 @@ def test_unclip_images_depend_on_their_own_row_only(models):
     check_generator_batch_independence(gen, ["a cat", "a dog", "a bird"], ["", "", ""], [5, 6, 7])
 
 
+def test_per_image_guidance_groups_rows_and_keeps_null_rows_as_before(models):
+    """One pipeline call per guidance value, images back in row order; null rows are made exactly as today."""
+    from synth.diffusion import DiffusersGenerator
+
+    gen = DiffusersGenerator(gen_config(model=models["sd"], guidance_scale=0.0), ["cat", "dog"])
+    prompts, negatives, seeds = ["a cat", "a dog", "a cat", "a dog"], ["blurry"] * 4, [1, 2, 3, 4]
+    today = gen.generate(prompts, negatives, seeds)
+    assert np.array_equal(gen.generate(prompts, negatives, seeds, guidance_scales=[None] * 4).small, today.small)
+    calls = []
+    pipe = gen.pipe
+    gen.pipe = lambda **kw: calls.append((len(kw["prompt"]), kw["guidance_scale"])) or pipe(**kw)
+    mixed = gen.generate(prompts, negatives, seeds, guidance_scales=[None, 3.0, None, 3.0])
+    assert sorted(calls) == [(2, 0.0), (2, 3.0)]
+    gen.pipe = pipe
+    # The null rows: byte-identical to the same rows made today, without per-image guidance.
+    nulls = gen.generate([prompts[0], prompts[2]], negatives[:2], [1, 3])
+    assert np.array_equal(mixed.small[[0, 2]], nulls.small)
+    # The guided rows: those of a generator whose generate.guidance_scale is 3.0, in their places.
+    guided = DiffusersGenerator(gen_config(model=models["sd"], guidance_scale=3.0), ["cat", "dog"])
+    assert np.array_equal(mixed.small[[1, 3]], guided.generate([prompts[1], prompts[3]], negatives[:2], [2, 4]).small)
+    assert max_diff(mixed.small[1], today.small[1]) > 0, "guidance changes the image"
+
+
 def test_stable_diffusion_still_goes_through_text_to_image(models):
     from synth.diffusion import DiffusersGenerator
 

@@ -36,7 +36,7 @@ GENERATION_ACTOR = "ray::MapWorker(MapBatches(ShardMaker))"  # Ray's title for t
 
 
 def config(root, *extra, run="f"):
-    return load_config(REPO / "configs" / "smoke.yaml", [f"storage.root={root}", f"run={run}", f"generate.generator={CLASS_AWARE}", *extra])
+    return load_config(REPO / "configs" / "smoke.yaml", [f"storage.root={root}", f"run={run}", f"generate.generator={CLASS_AWARE}", "prompts.hostile_per_class=0", *extra])
 
 
 def audit(cfg, storage: Storage) -> dict:
@@ -72,7 +72,7 @@ def clean(figures: dict, images: int) -> bool:
 
 
 def job(*args: str, **kwargs) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "ray_jobs.generate", str(REPO / "configs" / "smoke.yaml"), *args]
+    cmd = [sys.executable, "-m", "ray_jobs.generate", str(REPO / "configs" / "smoke.yaml"), "prompts.hostile_per_class=0", *args]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -210,7 +210,7 @@ def test_two_drivers_with_different_plans_never_mix(tmp_path, s3_server, where, 
     assert sorted(codes) == [0, 2], (codes, [err[-1500:] for _, err in outs])
     loser_err = outs[codes.index(2)][1].strip().splitlines()
     assert len(loser_err) == 1 and "different plan" in loser_err[0] and "Fix:" in loser_err[0], loser_err
-    winner = load_config(REPO / "configs" / "smoke.yaml", [*common, f"generate.steps={1 + codes.index(0)}"])
+    winner = load_config(REPO / "configs" / "smoke.yaml", ["prompts.hostile_per_class=0", *common, f"generate.steps={1 + codes.index(0)}"])
     plan = storage.read_parquet(Layout("race").generate_manifest).schema.metadata[META_PLAN].decode()
     assert storage.read_json(Layout("race").summary("generate"))["plan_sha256"] == plan
     figures = audit(winner, storage)
@@ -245,7 +245,7 @@ def test_s3_outage_is_waited_out_and_a_long_one_ends_in_one_line(s3_server, faul
     out, err = driver.communicate(timeout=300)
     assert driver.returncode == 0, err[-2000:]
     assert down_at < 24, "the outage must land mid-run"
-    cfg = load_config(REPO / "configs" / "smoke.yaml", [*args[:1], f"storage.s3_endpoint_url={s3_server}", *args[2:]])
+    cfg = load_config(REPO / "configs" / "smoke.yaml", ["prompts.hostile_per_class=0", *args[:1], f"storage.s3_endpoint_url={s3_server}", *args[2:]])
     figures = audit(cfg, storage)
     fault_figures(outage_seconds=9, shards_before_outage=down_at, **figures)
     assert clean(figures, 192), figures

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,7 +25,8 @@ CLASS_AWARE = "synth.testkit:ClassAwareTestGenerator"
 
 
 def tiny_config(root, *extra):
-    return load_config(REPO / "configs" / "smoke.yaml", [f"storage.root={root}", "run=t", *extra])
+    # No hostile examples unless a test asks for them: the counts below are per_class images per class.
+    return load_config(REPO / "configs" / "smoke.yaml", [f"storage.root={root}", "run=t", "prompts.hostile_per_class=0", *extra])
 
 
 def read_generated(storage: Storage, run: str = "t") -> tuple[list[dict], dict[str, bytes]]:
@@ -136,7 +138,7 @@ def _settled_shard_count(storage: Storage, layout: Layout, quiet_seconds: float 
 @pytest.mark.slow
 def test_killed_driver_then_rerun_completes_exactly_once(tmp_path, tiny_sd, fault_figures):
     args = [
-        f"storage.root={tmp_path}", f"generate.model={tiny_sd}", "run=t", "prompts.per_class=8",
+        f"storage.root={tmp_path}", "prompts.hostile_per_class=0", f"generate.model={tiny_sd}", "run=t", "prompts.per_class=8",
         "generate.shard_size=2", "generate.height=256", "generate.width=256",
     ]  # fmt: skip
     storage, layout = Storage(str(tmp_path)), Layout("t")
@@ -235,3 +237,56 @@ def test_bad_generator_path_fails_before_anything_is_written(tmp_path):
         run_generate(cfg)
     assert not [p for p in tmp_path.rglob("*") if p.is_file()], "nothing written for a run that cannot start"
 
+
+
+class NoGuidanceGenerator:
+    """A generator without per-image guidance (no guidance_scales argument)."""
+
+    needs_model = False
+
+    @classmethod
+    def model_name(cls, cfg):
+        return "none"
+
+    def __init__(self, cfg, classes):
+        pass
+
+    def generate(self, prompts, negatives, seeds):
+        raise AssertionError("never called")
+
+
+def test_hostile_rows_and_per_image_guidance_reach_the_manifest(tmp_path, ray_local):
+    from synth.generate import run_generate
+
+    base = (f"generate.generator={CLASS_AWARE}", "prompts.per_class=4", "prompts.hostile_per_class=2", "prompts.classes=[cat,dog]")
+    cfg = tiny_config(tmp_path, *base, "prompts.guidance_scale_range=[1.0,4.0]")
+    summary = run_generate(cfg)
+    manifest, images = read_generated(Storage(str(tmp_path)))
+    assert summary["images_total"] == len(images) == 2 * (4 + 2)
+    rows = {r["id"]: r for r in manifest}
+    hostile = rows["dog-hostile-00001"]
+    params = json.loads(hostile["params"])
+    assert hostile["technique"] == "hostile" and hostile["label"] == 1 and params["imitates"] == "dog"
+    prompts = {r["id"]: r for r in Storage(str(tmp_path)).read_parquet(Layout("t").prompts_table).to_pylist()}
+    for image_id, r in rows.items():
+        assert json.loads(r["params"])["guidance_scale"] == prompts[image_id]["guidance_scale"]
+    # Another range is another prompt table (refused for this run) and another plan.
+    from synth.generate import plan_for
+    from synth.prompts import build_prompt_table
+
+    other = tiny_config(tmp_path, *base, "prompts.guidance_scale_range=[1.0,5.0]")
+    with pytest.raises(ValueError, match=r"different prompts config"):
+        run_generate(other)
+    assert plan_for(cfg, build_prompt_table(cfg)) != plan_for(other, build_prompt_table(other))
+    # Without a range the plan hashes the prompt table exactly as before the guidance column existed.
+    plain = tiny_config(tmp_path, *base)
+    table = build_prompt_table(plain)
+    assert plan_for(plain, table) == plan_for(plain, table.drop_columns(["guidance_scale", "params"]))
+
+
+def test_a_guidance_range_needs_a_generator_that_takes_it(tmp_path):
+    from synth.generate import run_generate
+
+    cfg = tiny_config(tmp_path, "generate.generator=test_generate:NoGuidanceGenerator", "prompts.guidance_scale_range=[1,2]")
+    with pytest.raises(ConfigError, match=r"no guidance_scales argument. Fix: set prompts.guidance_scale_range=null"):
+        run_generate(cfg)

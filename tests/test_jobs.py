@@ -83,8 +83,8 @@ def test_prompts_job_writes_table_config_and_summary(tmp_path):
     result = run_job("prompts", SMOKE, f"storage.root={tmp_path}", "prompts.classes=[oil painting,pencil drawing]")
     assert result.returncode == 0, result.stderr
     storage, layout = Storage(str(tmp_path)), Layout("smoke")
-    assert storage.read_parquet(layout.prompts_table).num_rows == 2 * 32  # smoke: 32 per class
-    assert storage.read_json(layout.summary("prompts"))["techniques"]["template"] > 0
+    assert storage.read_parquet(layout.prompts_table).num_rows == 2 * (32 + 4)  # smoke: 32 per class + 4 hostile examples
+    assert storage.read_json(layout.summary("prompts"))["techniques"]["environment"] > 0
     config = storage.read_bytes(layout.config_file("prompts")).decode()
     assert config.startswith("# synth 0.1.0") and "oil painting" in config
 
@@ -93,11 +93,11 @@ def test_job_output_is_one_line_per_event_and_verbose_is_a_flag(tmp_path):
     quiet = run_job("prompts", SMOKE, f"storage.root={tmp_path}")
     assert quiet.returncode == 0, quiet.stderr
     lines = (quiet.stdout + quiet.stderr).splitlines()
-    assert len(lines) == 2 and lines[0].startswith("[prompts] 192 prompts for 6 classes"), lines
+    assert len(lines) == 2 and lines[0].startswith("[prompts] 216 prompts for 6 classes"), lines
     assert lines[1].startswith("[prompts] done in") and lines[1].endswith(f"{tmp_path}/smoke/prompts/summary.json"), lines
     loud = run_job("prompts", "--verbose", SMOKE, f"storage.root={tmp_path}")
     assert loud.returncode == 0, loud.stderr
-    assert '"rows": 192' in loud.stdout  # verbose: the whole summary, as JSON
+    assert '"rows": 216' in loud.stdout  # verbose: the whole summary, as JSON
     assert "--verbose" in run_job("prompts", "--help").stdout
 
 
@@ -164,4 +164,4 @@ def test_ray_job_submit_smoke_generate(tmp_path, tiny_sd, ray_head):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "succeeded" in result.stdout
     summary = Storage(str(out)).read_json(Layout("smoke").summary("generate"))
-    assert summary["images_total"] == 24 and summary["shards_generated"] == 6
+    assert summary["images_total"] == 48 and summary["shards_generated"] == 12  # 4 + 4 hostile per class

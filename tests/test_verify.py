@@ -21,7 +21,7 @@ def test_verify_exit_codes_and_repair_of_a_damaged_prompt_table(tmp_path):
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
     whole = verify(tmp_path)
-    assert whole.returncode == 0 and "[verify] prompts: ok (192 prompts)" in whole.stdout, whole.stdout + whole.stderr
+    assert whole.returncode == 0 and "[verify] prompts: ok (216 prompts)" in whole.stdout, whole.stdout + whole.stderr
     assert "[verify] generate: not run" in whole.stdout and "the run is whole" in whole.stdout
 
     table = tmp_path / "v" / "prompts" / "prompts.parquet"
