@@ -561,6 +561,7 @@ def curate_scores(cfg: Config, storage: Storage, manifest: pa.Table) -> dict:
     for class_name, shard in sorted(set(zip(manifest.column("class_name").to_pylist(), manifest.column("shard").to_pylist()))):
         shards_of[class_name].append(shard)
     verdict: dict[str, tuple[int, bool, str]] = {}
+    hostile_counts = {"scored": 0, "accepted": 0}  # hostile examples: ranked and filtered apart, counted apart
     per_class: dict[str, dict] = {}
     spread = {"class": defaultdict(lambda: (Spread(), Spread())), "technique": defaultdict(lambda: (Spread(), Spread()))}
     columns = ["id", "class_name", "technique", "similarity", "prob_own", "embedding"]
@@ -587,7 +588,9 @@ def curate_scores(cfg: Config, storage: Storage, manifest: pa.Table) -> dict:
             h = filter_class(ids[n_own:], similarity[n_own:], prob_own[n_own:], emb[n_own:], rules, len(classes))
             for image_id, r, a, why in zip(ids[n_own:], h.rank.tolist(), h.accepted.tolist(), h.reason):
                 verdict[image_id] = (r, a, why)
-        emb, table = emb[:n_own], table.slice(0, n_own)
+            hostile_counts["scored"] += len(ids) - n_own
+            hostile_counts["accepted"] += int(h.accepted.sum())
+        ids, emb, table = ids[:n_own], emb[:n_own], table.slice(0, n_own)
         reasons = {name: v.reason.count(name) for name in REASONS}
         per_class[class_name] = {"scored": len(ids), "accepted": int(v.accepted.sum()), "rejected": int((~v.accepted).sum()),
                                  "rejected_by": reasons, "rescued": v.rescued}  # fmt: skip
@@ -627,6 +630,7 @@ def curate_scores(cfg: Config, storage: Storage, manifest: pa.Table) -> dict:
         "rejected_by": reasons_total,
         "rescued": sum(c["rescued"] for c in per_class.values()),
         "per_class": per_class,
+        "hostile": hostile_counts,
         "rules": {k: getattr(rules, k) for k in ("min_similarity", "probability_rule", "min_probability", "dedup_cosine",
                                                   "top_per_class", "min_per_class")},  # fmt: skip
         "probability_rule_threshold": round(1.0 / len(classes), 6),

@@ -16,11 +16,16 @@ COLOUR = "synth.testkit:ColourTestScorer"
 NO_DERIVE = ["derive.variations.count=0", "derive.inpainting.count=0", "derive.fusion.per_class=0", "derive.parents_per_class=null"]
 
 
+# The presets' filter rules off: each test asks for its own.
+NO_RULES = ["curate.probability_rule=false", "curate.dedup_cosine=null", "curate.min_per_class=null"]
+
+
 def config(root, *extra, run="c"):
     return load_config(
         REPO / "configs" / "smoke.yaml",
         [f"storage.root={root}", f"run={run}", f"generate.generator={CLASS_AWARE}", f"derive.generator={DERIVER}", *NO_DERIVE,
-         "prompts.classes=[cat,dog,frog]", "prompts.per_class=6", "generate.shard_size=4", "curate.shard_size=5", *extra],
+         "prompts.classes=[cat,dog,frog]", "prompts.per_class=6", "prompts.hostile_per_class=0", "generate.shard_size=4",
+         "curate.shard_size=5", *NO_RULES, *extra],
     )  # fmt: skip
 
 
@@ -253,6 +258,20 @@ def test_deterministic_scorer_exactly_once_across_stages_damage_and_new_rules(tm
     # Another prompt is another plan: refused, naming the fix.
     with pytest.raises(ConfigError, match="different plan.*prompt.*Fix"):
         run_curate(config(tmp_path, *derive, f"curate.scorer={COLOUR}", "curate.prompt=a {cls}"))
+
+    # Hostile examples are ranked and filtered among themselves: they take no place in a class's top.
+    hostile = config(tmp_path / "h", "prompts.hostile_per_class=2", f"curate.scorer={COLOUR}", "curate.top_per_class=1")
+    run_generate(hostile)
+    summary = run_curate(hostile)
+    h_rows = read_scores(Storage(str(tmp_path / "h")), "c").to_pylist()
+    for c in ("cat", "dog", "frog"):
+        own = [r for r in h_rows if r["class_name"] == c and r["technique"] != "hostile"]
+        mimic = [r for r in h_rows if r["class_name"] == c and r["technique"] == "hostile"]
+        assert len(own) == 6 and len(mimic) == 2
+        assert sorted(r["rank"] for r in own) == list(range(1, 7)) and sorted(r["rank"] for r in mimic) == [1, 2]
+        assert [r["rank"] for r in own if r["accepted"]] == [1] and [r["rank"] for r in mimic if r["accepted"]] == [1]
+        assert summary["per_class"][c]["scored"] == 6 and summary["per_class"][c]["accepted"] == 1
+    assert summary["hostile"] == {"scored": 6, "accepted": 3}
 
 
 @pytest.mark.slow  # two fresh Ray instances in subprocesses: about a minute on 2 cores
