@@ -258,3 +258,33 @@ def test_readme_command(tmp_path, monkeypatch):
     assert main("export", fn, ["my.yaml", "export.formats=[webdataset]", "export.dest=elsewhere"]) == 0
     assert sorted(p.name for p in Path("elsewhere/webdataset").glob("*.tar")) == ["test-000000.tar", "train-000000.tar", "val-000000.tar"]
     assert main("export", fn, ["my.yaml", "export.formats=[webdataset]"]) == 2  # another selection in the default dest: refused
+
+
+def test_full_resolution_images_where_the_generate_stage_kept_them(tmp_path):
+    import pyarrow as pa
+
+    from synth.config import class_slug
+    from synth.images import encode_png
+
+    storage = Storage(str(tmp_path / "store"))
+    make_run(storage)
+    layout = Layout("exp")
+    key = layout.dataset_split("synthetic", "train")
+    table = storage.read_parquet(key)
+    table = table.set_column(table.column_names.index("source"), "source", pa.array([layout.generate_shard(0)] * table.num_rows))
+    storage.write_parquet(key, table)
+    ids, names = table.column("id").to_pylist(), table.column("class_name").to_pylist()
+    storage.write_json(layout.generate_plan, {"model": "tiny", "keep_full_resolution": True})
+    storage.write_parquet(layout.generate_manifest, pa.table({"id": ids, "class_name": names}))
+    full = {}
+    for i, (image_id, name) in enumerate(zip(ids[:3], names)):
+        full[image_id] = encode_png(class_pattern_image(0, 7000 + i, 64))
+        storage.write_bytes(layout.generate_full_image(class_slug(name), image_id), full[image_id])
+
+    dest = tmp_path / "out"
+    summary = run_export(config(storage.root, f"export.dest={dest}", "export.full_resolution=true", "export.formats=[webdataset]"))
+    assert summary["full_resolution_images"] == 3
+    got = load_wds(dest, "train")
+    assert {i: got[i][1] for i in full} == full  # 64 px, as the generate stage kept them
+    small = expected(storage, "exp", "synthetic", "train")
+    assert all(got[i] == small[i] for i in ids[3:])  # the stored dataset-size image where no full one exists
