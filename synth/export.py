@@ -461,9 +461,6 @@ def _write_batch(batch: dict, storage: Storage, dest: Storage, classes: list[str
 def _write_with_ray(cfg: Config, storage: Storage, dest: Storage, specs: list[dict], classes: list[str]) -> Iterator[dict]:
     import ray.data
 
-    from synth.runtime import init_ray
-
-    init_ray(cfg.ray)
     context = ray.data.DataContext.get_current()
     context.retried_map_errors = [TRANSIENT_MARK]
     context.max_map_retries = 3
@@ -680,8 +677,12 @@ def run_export(cfg: Config, storage: Optional[Storage] = None, after_unit: Optio
         f"{dest.uri()}: {done} units stored, {len(specs)} shards to write ({todo_images:,} images)")  # fmt: skip
 
     # 3. The units: in this process for small sets, else a Ray Data job; the same write_unit.
-    tick, written, results = time.perf_counter(), 0, []
     in_process = todo_images <= e.in_process_max_images
+    if not in_process:
+        from synth.runtime import init_ray
+
+        init_ray(cfg.ray)  # before the clock: images/s is the writing's
+    tick, written, results = time.perf_counter(), 0, []
     stream = (write_unit(storage, dest, s, classes) for s in specs) if in_process else _write_with_ray(cfg, storage, dest, specs, classes)
     for result in stream:
         result = {k: (v.item() if hasattr(v, "item") else v) for k, v in result.items()}
