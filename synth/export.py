@@ -501,6 +501,11 @@ def _provenance(storage: Storage, run: str) -> dict:
     }
 
 
+def _n(value) -> str:
+    """A count as the card prints it: ``12,000``, or ``?`` when a summary lacks it."""
+    return f"{value:,}" if isinstance(value, int) else "?"
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in r) + " |" for r in rows]
@@ -547,7 +552,7 @@ def dataset_card(cfg: Config, storage: Storage, parts: list[Part], classes: list
     out = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "", f"# synth run `{cfg.run}`", ""]
     out.append(
         f"{total:,} labelled images of {len(classes)} classes ({', '.join(classes)}), made by "
-        "[synth](https://github.com/) (text-to-image generation, image variations and edits, CLIP curation) "
+        "synth (text-to-image generation, image variations and edits, CLIP curation) "
         f"and exported from `{storage.uri(cfg.run)}`."
     )
     out += ["", "## How it was made", ""]
@@ -560,15 +565,15 @@ def dataset_card(cfg: Config, storage: Storage, parts: list[Part], classes: list
             out.append(
                 f"- **{stage}**: model `{plan.get('model')}`{extra} (generator `{plan.get('generator')}`), "
                 f"{plan.get('steps')} steps, guidance {plan.get('guidance_scale')}, {plan.get('width')}x{plan.get('height')} px "
-                f"resized to {plan.get('image_size')} px, {plan.get('dtype')}; {plan.get('images', 0):,} images planned."
+                f"resized to {plan.get('image_size')} px, {plan.get('dtype')}; {_n(plan.get('images'))} images planned."
             )
     if not made:
         out.append("- No generate or derive plan is stored for this run: the tables were made outside synth's image stages.")
     prompts = prov["prompts"]
     if prompts and prompts.get("techniques"):
         n = sum(prompts["techniques"].values()) or 1
-        shares = ", ".join(f"{t} {k:,} ({k / n:.0%})" for t, k in sorted(prompts["techniques"].items()))
-        out.append(f"- **prompts**: {prompts.get('rows', n):,} prompts ({prompts.get('distinct_prompts', '?'):,} distinct) by technique: {shares}.")
+        shares = ", ".join(f"{t} {k:,} ({k / n:.0%})" for t, k in sorted(prompts["techniques"].items(), key=lambda tk: (-tk[1], tk[0])))
+        out.append(f"- **prompts**: {_n(prompts.get('rows', n))} prompts ({_n(prompts.get('distinct_prompts'))} distinct) by technique: {shares}.")
     out.append(
         "- **seeds**: every prompt row carries its own generation seed, derived from (run, class, index) "
         f"(`synth.prompts.derive_seed`; the prompt table `{storage.uri(Layout(cfg.run).prompts_table)}` lists them)"
@@ -581,7 +586,7 @@ def dataset_card(cfg: Config, storage: Storage, parts: list[Part], classes: list
         rejected = {k: v for k, v in (curate.get("rejected_by") or {}).items() if v}
         out.append(
             f"- **curation**: CLIP scores (`{curate.get('model')}`, prompt \"{curate.get('prompt')}\") with the filter rules "
-            f"{json.dumps(rules) if rules else '(none)'}: {curate.get('accepted', '?'):,} of {curate.get('scored', '?'):,} "
+            f"{json.dumps(rules) if rules else '(none)'}: {_n(curate.get('accepted'))} of {_n(curate.get('scored'))} "
             f"accepted" + (f"; rejected by rule {json.dumps(rejected)}" if rejected else "") + "."
         )
     else:
@@ -590,8 +595,8 @@ def dataset_card(cfg: Config, storage: Storage, parts: list[Part], classes: list
     if syn.get("curation"):
         c = syn["curation"]
         out.append(
-            f"- **review**: {c.get('decisions_applied', 0):,} review decisions applied "
-            f"({c.get('relabelled', 0):,} relabels) to the curate verdicts before this dataset was built."
+            f"- **review**: {_n(c.get('decisions_applied'))} review decisions applied "
+            f"({_n(c.get('relabelled'))} relabels) to the curate verdicts before this dataset was built."
         )
     sel = [f"curation `{e.curation}`"] + ([f"techniques {e.techniques}"] if e.techniques else ["every technique"])
     if e.full_resolution:

@@ -288,3 +288,28 @@ def test_full_resolution_images_where_the_generate_stage_kept_them(tmp_path):
     assert {i: got[i][1] for i in full} == full  # 64 px, as the generate stage kept them
     small = expected(storage, "exp", "synthetic", "train")
     assert all(got[i] == small[i] for i in ids[3:])  # the stored dataset-size image where no full one exists
+
+
+def test_the_card_says_how_the_set_was_made(tmp_path):
+    """The card reads the stages' records: models, technique shares, seeds, curation rules and review decisions."""
+    storage = Storage(str(tmp_path / "store"))
+    make_run(storage)
+    layout = Layout("exp")
+    storage.write_json(layout.generate_plan, {"model": "stabilityai/sd-turbo", "generator": "diffusers", "prior": None, "steps": 1,
+                                              "guidance_scale": 0.0, "width": 512, "height": 512, "image_size": 32,
+                                              "dtype": "bfloat16", "images": 60})  # fmt: skip
+    storage.write_json(layout.plan("derive"), {"model": "stabilityai/sd-turbo", "generator": "diffusers", "images": 20})
+    storage.write_json(layout.summary("prompts"), {"rows": 60, "distinct_prompts": 58, "techniques": {"template": 45, "adversarial": 15}})
+    storage.write_json(layout.summary("curate"), {"model": "openai/clip-vit-base-patch32", "prompt": "a photo of a {cls}", "scored": 80,
+                                                  "accepted": 61, "rules": {"min_similarity": 0.2, "top_per_class": None},
+                                                  "rejected_by": {"similarity": 19, "dedup": 0}})  # fmt: skip
+    storage.write_json(layout.summary("dataset"), {"seed": 3, "code_version": "0.1.0+gabc",
+                                                   "domains": {"synthetic": {"curation": {"decisions_applied": 4, "relabelled": 1}}}})
+    dest = tmp_path / "out"
+    run_export(config(storage.root, f"export.dest={dest}", "export.formats=[huggingface]", "export.license=openrail++"))
+    card = (dest / CARD_KEY).read_text()
+    assert yaml.safe_load(card.split("---")[1])["license"] == "openrail++"
+    for needle in ("model `stabilityai/sd-turbo`", "**derive**", "template 45 (75%), adversarial 15 (25%)", "58 distinct",
+                   "derive_seed", "dataset seed 3", '{"min_similarity": 0.2}', "61 of 80 accepted", '{"similarity": 19}',
+                   "4 review decisions applied (1 relabels)", "dataset built by `0.1.0+gabc`", "| template |", "| variation |"):
+        assert needle in card, needle
