@@ -52,7 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from synth.config import Config, ConfigError, class_slug
-from synth.dataset import ADVERSARIAL, HOSTILE, META_CLASSES, SPLITS, SPLITS_OF
+from synth.dataset import ADVERSARIAL, META_CLASSES, SPLITS, SPLITS_OF
 from synth.progress import plural, rate, say
 from synth.storage import TRANSIENT_MARK, Layout, Storage, StorageError, parquet_bytes
 
