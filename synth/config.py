@@ -430,6 +430,34 @@ class CurateConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Export of a finished dataset to ImageFolder, Hugging Face Parquet and WebDataset (synth.export)."""
+
+    # Any of imagefolder | huggingface | webdataset.
+    formats: List[str] = field(default_factory=lambda: ["imagefolder", "huggingface", "webdataset"])
+    # Local folder or s3:// URI; null: <storage.root>/<run>/export.
+    dest: Optional[str] = None
+    # The synthetic splits always; real photographs (their licence is the source's) and the
+    # test-only adversarial domain (hostile examples) only when asked.
+    include_real: bool = False
+    include_adversarial: bool = False
+    # Synthetic images of these techniques only; null: every technique in the dataset's splits.
+    techniques: Optional[List[str]] = None
+    # all | accepted (the curate stage's verdict after review; needs a curated run).
+    curation: str = "all"
+    # Synthetic images at the generate / derive stage's full resolution where it kept them.
+    full_resolution: bool = False
+    # Samples per WebDataset tar and per Hugging Face Parquet file: the unit of resumption.
+    shard_size: int = 1000
+    # The dataset card's licence (a Hub licence id; "other" with the generator's terms in the prose).
+    license: str = "other"
+    # Sets of at most this many images are written in the driver process; larger ones by a Ray
+    # Data job over shards (0: always Ray).
+    in_process_max_images: int = 5000
+    num_workers: int = 4
+
+
+@dataclass
 class Config:
     run: str = "default"
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -441,6 +469,7 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -808,6 +837,7 @@ def validate(cfg: Config) -> None:
         "must be at least 1, or null to validate on the whole split after each epoch",
     )
     _validate_tune(cfg)
+    _validate_export(cfg)
 
 
 def _validate_prompt_mix(cfg: Config) -> None:
@@ -1116,3 +1146,37 @@ def _validate_tune(cfg: Config) -> None:
         "must be at least 1, or null to fit as many trials as the cluster's resources allow",
     )
     _require(0 <= u.max_failures <= 100, "tune.max_failures", u.max_failures, "must be in [0, 100]")
+
+
+EXPORT_FORMATS = ("imagefolder", "huggingface", "webdataset")
+EXPORT_CURATION = ("all", "accepted")
+
+
+def _validate_export(cfg: Config) -> None:
+    e = cfg.export
+    _require(
+        len(e.formats) > 0 and len(set(e.formats)) == len(e.formats) and set(e.formats) <= set(EXPORT_FORMATS),
+        "export.formats",
+        e.formats,
+        f"give distinct formats from {list(EXPORT_FORMATS)}, e.g. export.formats=[imagefolder,huggingface]",
+    )
+    _require(
+        e.dest is None or (bool(e.dest.strip()) and (not e.dest.startswith("s3://") or bool(e.dest[5:].partition("/")[0]))),
+        "export.dest",
+        e.dest,
+        "give a local folder or s3://bucket/prefix, or null for <storage.root>/<run>/export",
+    )
+    _require(
+        e.techniques is None
+        or (len(e.techniques) > 0 and len(set(e.techniques)) == len(e.techniques) and all(re.fullmatch(r"[\w-]+", t) for t in e.techniques)),
+        "export.techniques",
+        e.techniques,
+        "give distinct technique names as the dataset stage recorded them, e.g. export.techniques=[template,variation], "
+        "or null for every technique",
+    )
+    _require(e.curation in EXPORT_CURATION, "export.curation", e.curation, f"choose one of {', '.join(EXPORT_CURATION)}")
+    _require(1 <= e.shard_size <= 1_000_000, "export.shard_size", e.shard_size, "must be in [1, 1000000]")
+    _require(bool(re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", e.license)), "export.license", e.license,
+             "give a Hugging Face Hub licence id, e.g. other, cc-by-4.0, openrail++")  # fmt: skip
+    _require(e.in_process_max_images >= 0, "export.in_process_max_images", e.in_process_max_images, "must be at least 0")
+    _require(1 <= e.num_workers <= 1024, "export.num_workers", e.num_workers, "must be in [1, 1024]")

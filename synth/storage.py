@@ -298,6 +298,17 @@ class Storage:
             return self._s3("read", key, lambda: self.client.get_object(Bucket=self.bucket, Key=self._s3_key(key))["Body"].read())
         return self._path(key).read_bytes()
 
+    def open_read(self, key: str, buffer_size: int = 1 << 20):
+        """A seekable binary file of the object at ``key``: a local file, or ranged GETs on S3.
+
+        For readers that take only part of a large object (a few rows of a Parquet table), so
+        they never hold the whole of it.
+        """
+        if not self.is_s3:
+            return open(self._path(key), "rb")
+        head = self._s3("read", key, lambda: self.client.head_object(Bucket=self.bucket, Key=self._s3_key(key)))
+        return io.BufferedReader(_S3RangeFile(self, key, int(head["ContentLength"])), buffer_size=buffer_size)
+
     def exists(self, key: str) -> bool:
         if self.is_s3:
             try:
@@ -417,6 +428,41 @@ class Storage:
 
     def read_parquet(self, key: str, columns: Optional[list[str]] = None) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
+
+
+class _S3RangeFile(io.RawIOBase):
+    """A read-only, seekable view of one S3 object; each read is one ranged GET (retried like every call)."""
+
+    def __init__(self, storage: Storage, key: str, size: int):
+        self.storage, self.key, self.size, self.pos = storage, key, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.size - self.pos)
+        if n <= 0:
+            return 0
+        s = self.storage
+        bytes_range = f"bytes={self.pos}-{self.pos + n - 1}"
+        data = s._s3(
+            "read", self.key,
+            lambda: s.client.get_object(Bucket=s.bucket, Key=s._s3_key(self.key), Range=bytes_range)["Body"].read(),
+        )  # fmt: skip
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
 
 
 def _json_bytes(obj: Any) -> bytes:
