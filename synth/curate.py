@@ -51,10 +51,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from synth.config import Config, ConfigError, CurateConfig, class_slug
-from synth.imagejob import MAX_PASSES, _refuse_foreign, build_manifest, claim_plan, cut_shards, import_class, scan_shards
+from synth.imagejob import (
+    MAX_PASSES, _refuse_foreign, build_manifest, claim_plan, cut_shards, import_class, scan_shards, shard_pool,
+)  # fmt: skip
 from synth.progress import plural, rate, say
 from synth.shards import META_CONTENT, META_PLAN, META_SHARD, check_shard, content_sha256, plan_sha256
-from synth.storage import TRANSIENT_MARK, Layout, Storage, StorageError, parquet_bytes, quarantine
+from synth.storage import Layout, Storage, StorageError, parquet_bytes, quarantine
 
 STAGE = "curate"
 HOSTILE = "hostile"  # the prompts stage's technique for images that imitate a class without being it
@@ -392,28 +394,10 @@ def _status_of_stored(storage: Storage, key: str, shard: int, plan: str, ids: li
 
 
 def _score_with_ray(storage: Storage, cfg: Config, spec: ScorerSpec, plans: dict, plan: str, todo: list) -> Iterator[dict]:
-    import ray
-    import ray.data
-
+    """Score the given shards on the image job's actor pool (each actor claims its score shard itself)."""
     c = cfg.curate
-    num_gpus = c.num_gpus_per_actor
-    if num_gpus is None:
-        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    context = ray.data.DataContext.get_current()
-    context.retried_map_errors = [TRANSIENT_MARK]
-    context.max_map_retries = 3
-    # Rows (ids and shard references, never images) travel as JSON text: one small string column.
-    items = [{"shard": k, "rows": json.dumps(rows)} for k, rows in todo]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        ShardScorer,
-        fn_constructor_args=(spec, storage, cfg.run, plans, plan, c.batch_size),
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(c.num_actors, len(items))),
-        num_gpus=num_gpus,
-        num_cpus=1 if num_gpus == 0 else 0.5,
-    )
-    return ds.iter_rows()
+    args = (spec, storage, cfg.run, plans, plan, c.batch_size)
+    return shard_pool(todo, ShardScorer, args, c.num_actors, c.num_gpus_per_actor).iter_rows()
 
 
 def run_scoring(cfg: Config, storage: Storage, shards: list[list[dict]], plan: dict, spec: ScorerSpec, plans: dict) -> tuple[pa.Table, dict]:

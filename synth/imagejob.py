@@ -219,13 +219,12 @@ def _status_of_stored(storage: Storage, key: str, shard: int, plan: str, ids: li
     return PRESENT if check_shard(data, shard, plan, ids).ok else BAD
 
 
-def run_ray_generation(storage: Storage, job: ImageJob, todo: list[tuple[int, list[dict]]], plan: str) -> Iterator[dict]:
-    """Make and write the given shards with Ray Data; yields one small result row per shard as it lands."""
+def shard_pool(todo: list[tuple[int, list[dict]]], actor, constructor_args: tuple, num_actors: int, num_gpus: Optional[float]):
+    """A Ray Data dataset of one row per shard to do (its number and its rows as JSON), mapped by an
+    actor pool of ``actor`` (loaded once per actor); the shared part of every sharded stage's Ray job."""
     import ray
     import ray.data
 
-    g = job.g
-    num_gpus = g.num_gpus_per_actor
     if num_gpus is None:
         num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     # Storage retries each request for storage.retry_seconds; past that, Ray Data retries the
@@ -233,20 +232,26 @@ def run_ray_generation(storage: Storage, job: ImageJob, todo: list[tuple[int, li
     context = ray.data.DataContext.get_current()
     context.retried_map_errors = [TRANSIENT_MARK]
     context.max_map_retries = 3
-    # Rows travel as JSON text: one small string column instead of nested Arrow structs.
+    # Rows travel as JSON text: one small string column instead of nested Arrow structs, and never images.
     items = [{"shard": k, "rows": json.dumps(rows)} for k, rows in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        ShardMaker,
-        fn_constructor_args=(job.maker, storage, job.run, job.stage, g.batch_size),
+    return ds.map_batches(
+        actor,
+        fn_constructor_args=constructor_args,
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(g.num_actors, len(items))),  # no idle actor for a short todo list
+        compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(items))),  # no idle actor for a short todo list
         num_gpus=num_gpus,
         # A CPU actor still needs a CPU slot; a GPU actor's CPU work is light.
         num_cpus=1 if num_gpus == 0 else 0.5,
         # Ray Data restarts a dead actor and resubmits its shard; the shard's fixed key makes
         # the retry harmless.
     )
+
+
+def run_ray_generation(storage: Storage, job: ImageJob, todo: list[tuple[int, list[dict]]], plan: str) -> Iterator[dict]:
+    """Make and write the given shards with Ray Data; yields one small result row per shard as it lands."""
+    g = job.g
+    ds = shard_pool(todo, ShardMaker, (job.maker, storage, job.run, job.stage, g.batch_size), g.num_actors, g.num_gpus_per_actor)
     ds = ds.map_batches(
         write_shards,
         fn_kwargs={"storage": storage, "run": job.run, "stage": job.stage, "model": job.model, "plan": plan},
