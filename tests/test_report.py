@@ -419,7 +419,16 @@ def ablated(tmp_path_factory):
         "technique": {"vanilla": {"all": 0.21, "accepted": 0.18, "images": 48}, "domain": {"all": 0.34, "accepted": None, "images": 1}},
         "class": {c: {"all": 0.3, "accepted": 0.25, "images": 32} for c in CLASSES},
     }
-    write_stage_summary(storage, cfg, "curate", {"images": 96, "diversity": diversity})
+    rejected = {"similarity": 0, "probability": 30, "duplicate": 4, "top": 0}
+    per_class = {c: {"scored": 32, "accepted": 20, "rejected": 12, "rejected_by": {**rejected, "probability": 10, "duplicate": 2},
+                     "rescued": 1} for c in CLASSES}  # fmt: skip
+    write_stage_summary(storage, cfg, "curate", {
+        "images": 96, "diversity": diversity, "scored": 96, "accepted": 60, "rejected_by": rejected, "rescued": 3,
+        "per_class": per_class, "model": "openai/clip-vit-base-patch32", "prompt": "a photo of a {cls}",
+        "rules": {"min_similarity": None, "probability_rule": True, "dedup_cosine": 0.95, "top_per_class": None},
+    })  # fmt: skip
+    write_stage_summary(storage, cfg, "dataset", {"domains": {"synthetic": {
+        "synthetic_source": "curated", "curation": {"decisions_applied": 5, "relabelled": 2}}}})  # fmt: skip
     run_report(cfg, storage)
     out = root / cfg.run / "report"
     return {
@@ -450,6 +459,9 @@ def test_ablation_table_plot_fooling_rate_and_diversity(ablated):
         assert "What each technique buys" in doc and "+10.0 percentage points" in doc
         assert "Fooling rate on hostile examples" in doc and "Lower is better" in doc
         assert "Diversity of the synthetic images" in doc and "0.340" in doc and "0.180" in doc
+        assert "Curation: CLIP filter and review" in doc and "accepted 60" in doc
+        assert "probability_rule=True, dedup_cosine=0.95" in doc and "applied 5 review decisions (2 relabels)" in doc
+    assert "| total | 96 | 60 | 0 | 30 | 4 | 0 | 3 |" in ablated["md"]
     assert "| vanilla | ablate-technique-vanilla | 8 | 55.0 ± 7.1 (n=2) | — | 45.0 ± 7.1 (n=2) |" in ablated["md"]
 
 

@@ -44,6 +44,7 @@ def build_blocks(run: str, agg: dict, inputs: Inputs, plots: dict[str, bytes], n
         blocks += tune_blocks(inputs.tune, plots)
     blocks += ablation_blocks(inputs, plots)
     blocks += fooling_blocks(inputs)
+    blocks += curation_blocks(inputs)
     blocks += diversity_blocks(inputs)
     blocks += training_blocks(agg, inputs, plots)
     blocks += confusion_blocks(agg, plots)
@@ -164,6 +165,49 @@ def fooling_blocks(inputs: Inputs) -> list:
             [False, True],
             caption="Mean ± sample std over seeds (n); lower is better.",
         ),
+    ]
+
+
+def curation_blocks(inputs: Inputs) -> list:
+    """What the CLIP filter and the review did to the synthetic images, and which ones were trained on."""
+    curate = inputs.summaries.get("curate") or {}
+    synthetic = ((inputs.summaries.get("dataset") or {}).get("domains") or {}).get("synthetic") or {}
+    if not isinstance(curate.get("per_class"), dict):
+        return []
+    # The curate stage's rule and reason names, in the order it applies them (stored summaries sort keys).
+    stored_rules = curate.get("rules") or {}
+    rule_order = ("min_similarity", "probability_rule", "min_probability", "dedup_cosine", "top_per_class", "min_per_class")
+    said = ", ".join(f"{k}={stored_rules[k]}" for k in rule_order if stored_rules.get(k) not in (None, False))
+    said = said or "none (every image accepted)"
+    stored_reasons = curate.get("rejected_by") or {}
+    reasons = {r: stored_reasons[r] for r in ("similarity", "probability", "duplicate", "top") if r in stored_reasons}
+    rows = []
+    for class_name, c in curate["per_class"].items():
+        if isinstance(c, dict):
+            by = c.get("rejected_by") or {}
+            rows.append([class_name, _num(c.get("scored")), _num(c.get("accepted")),
+                         *(_num(by.get(r, 0)) for r in reasons), _num(c.get("rescued", 0))])  # fmt: skip
+    total = ["total", _num(curate.get("scored")), _num(curate.get("accepted")), *(_num(n) for n in reasons.values()),
+             _num(curate.get("rescued", 0))]  # fmt: skip
+    text = (
+        f"The curate stage scored {_num(curate.get('scored'))} synthetic images with CLIP ({curate.get('model', 'model unknown')}) "
+        f"against \"{curate.get('prompt', 'a photo of a {cls}')}\" and accepted {_num(curate.get('accepted'))}. Rules: {said}."
+    )
+    source = synthetic.get("synthetic_source")
+    review = synthetic.get("curation") or {}
+    if source:
+        text += (
+            f" The dataset stage applied {_num(review.get('decisions_applied', 0))} review decisions "
+            f"({_num(review.get('relabelled', 0))} relabels), and the train and tune stages read the "
+            + ("accepted synthetic training images (dataset.synthetic_source resolved to curated)." if source == "curated"
+               else "synthetic training images whether accepted or not (dataset.synthetic_source resolved to all).")
+        )  # fmt: skip
+    return [
+        Heading(1, "Curation: CLIP filter and review"),
+        Para(text),
+        Table(["class", "scored", "accepted", *(f"rejected: {r}" for r in reasons), "rescued"], [*rows, total],
+              [False, *([True] * (3 + len(reasons)))], caption="Rejections by the first rule that rejected each image; "
+              "rescued: rejected images kept to reach curate.min_per_class.")  # fmt: skip
     ]
 
 
