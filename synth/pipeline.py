@@ -27,8 +27,9 @@ def review_queue(cfg: Config, storage: Storage) -> dict:
 
     start = time.perf_counter()
     out = write_queue(storage, cfg.run, list(cfg.prompts.classes), order="diverse", per_class=REVIEW_PER_CLASS)
-    say("review", f"{out['images']:,} images to review first (lowest CLIP scores, near-duplicates skipped) -> {out['html']}; "
-        "record decisions with: python -m ray_jobs.review <config> decide --reviewer NAME ID accept|reject|relabel CLASS")  # fmt: skip
+    say("review", f"{out['images']:,} images to review first -> {out['html']} (per class at most {REVIEW_PER_CLASS}, lowest CLIP "
+        "score first, skipping any within cosine 0.9 of one already queued); record decisions with: python -m ray_jobs.review "
+        "<config> decide --reviewer NAME ID accept|reject|relabel CLASS")  # fmt: skip
     return {**out, "wall_seconds": round(time.perf_counter() - start, 3)}
 
 

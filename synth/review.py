@@ -206,9 +206,11 @@ def build_queue(
     rank = scores.column("rank").to_numpy()
     entropy = scores.column("entropy").to_numpy(zero_copy_only=False)
     embeddings = _embeddings(scores) if order == "diverse" else None
+    techniques = scores.column("technique").to_pylist()
     by_class: dict[str, list[int]] = defaultdict(list)
-    for i, (image_id, name) in enumerate(zip(ids, names)):
-        if image_id not in skip:
+    for i, (image_id, name, technique) in enumerate(zip(ids, names, techniques)):
+        # Hostile examples imitate the class without being it: nothing to accept or reject for it.
+        if image_id not in skip and technique != "hostile":
             by_class[name].append(i)
 
     picked: list[int] = []

@@ -143,24 +143,24 @@ def _queue(order: str, **kw) -> list[str]:
 def test_queue_orders_per_class():
     assert _queue("score") == [
         "cat-000004", "cat-000002", "cat-000003", "cat-000001", "cat-000000",
-        "dog-hostile-00000", "dog-variation-000000", "dog-000000",
+        "dog-variation-000000", "dog-000000",  # never the hostile example: it is not a dog to accept or reject
     ]  # fmt: skip
     assert _queue("uncertainty") == [
         "cat-000003", "cat-000001", "cat-000002", "cat-000004", "cat-000000",
-        "dog-hostile-00000", "dog-variation-000000", "dog-000000",
+        "dog-variation-000000", "dog-000000",
     ]  # fmt: skip
     # cat-000002 is near-identical to cat-000004 and dog-000000 to dog-variation-000000: skipped.
-    assert _queue("diverse") == ["cat-000004", "cat-000003", "cat-000001", "cat-000000", "dog-hostile-00000", "dog-variation-000000"]
+    assert _queue("diverse") == ["cat-000004", "cat-000003", "cat-000001", "cat-000000", "dog-variation-000000"]
     assert _queue("diverse", threshold=1.0) == _queue("score")  # nothing is identical
 
 
 def test_queue_limit_classes_and_skip():
     table = build_queue(scores_table(), "score", CLASSES, per_class=2)
-    assert table.column("id").to_pylist() == ["cat-000004", "cat-000002", "dog-hostile-00000", "dog-variation-000000"]
+    assert table.column("id").to_pylist() == ["cat-000004", "cat-000002", "dog-variation-000000", "dog-000000"]
     assert table.column("position").to_pylist() == [1, 2, 1, 2]
     assert table.column_names == ["position", "id", "class_name", "technique", "similarity", "prob_own", "entropy", "rank", "accepted", "reason"]  # fmt: skip
-    assert _queue("diverse", per_class=2, only=["Dog"]) == ["dog-hostile-00000", "dog-variation-000000"]
-    assert _queue("score", skip={"cat-000004", "dog-hostile-00000"}, per_class=1) == ["cat-000002", "dog-variation-000000"]
+    assert _queue("diverse", per_class=2, only=["Dog"]) == ["dog-variation-000000"]  # dog-000000: a near-duplicate
+    assert _queue("score", skip={"cat-000004", "dog-variation-000000"}, per_class=1) == ["cat-000002", "dog-000000"]
     with pytest.raises(ReviewError, match="unknown class 'cow'"):
         _queue("score", only=["cow"])
     with pytest.raises(ReviewError, match="choose one of score, uncertainty, diverse"):
@@ -172,13 +172,13 @@ def test_queue_limit_classes_and_skip():
 def test_write_queue_table_and_self_contained_sheet(local):
     record_decisions(local, RUN, CLASSES, [{"id": "cat-000004", "decision": "relabel", "class": "dog"}], "alice", now=T0)
     summary = write_queue(local, RUN, CLASSES, "score")
-    assert summary["images"] == 7 and summary["skipped_decided"] == 1 and summary["missing_thumbnails"] == 0
+    assert summary["images"] == 6 and summary["skipped_decided"] == 1 and summary["missing_thumbnails"] == 0  # no hostile example
     table = local.read_parquet("smoke/curate/review/queue-score.parquet")
     assert table.column("id").to_pylist()[0] == "cat-000002"  # the decided cat-000004 is left out
     page = local.read_bytes("smoke/curate/review/queue-score.html").decode()
     assert "http://" not in page and "https://" not in page and "<link" not in page and "<script" not in page
     sources = re.findall(r'src="([^"]*)"', page)
-    assert len(sources) == 7 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == 6 and all(s.startswith("data:image/png;base64,") for s in sources)
     for image_id in table.column("id").to_pylist():
         assert image_id in page
     # The thumbnails are the stored images, upscaled 4x nearest-neighbour: every pixel a 4x4 block.
@@ -199,7 +199,7 @@ def test_thumbnail_lookup_is_injectable(local):
         return {}
 
     summary = write_queue(local, RUN, CLASSES, "diverse", per_class=1, thumbnails=lookup)
-    assert asked == {"cat-000004": "generate", "dog-hostile-00000": "generate"}
+    assert asked == {"cat-000004": "generate", "dog-variation-000000": "derive"}
     assert summary["missing_thumbnails"] == 2
     assert local.read_bytes("smoke/curate/review/queue-diverse.html").decode().count("no image") == 2
 
@@ -319,7 +319,7 @@ def test_malformed_decision_files_are_refused(local, tmp_path, capsys, name, tex
 def test_cli_queue_decide_log(local, tmp_path, capsys):
     assert cli(tmp_path, "queue", "--order", "diverse", "--per-class", "2") == 0
     out = capsys.readouterr().out
-    assert "diverse queue of run 'smoke': 4 images (cat 2, dog 2)" in out
+    assert "diverse queue of run 'smoke': 3 images (cat 2, dog 1)" in out
     assert str(tmp_path / "outputs/smoke/curate/review/queue-diverse.html") in out
 
     assert cli(tmp_path, "decide", "--reviewer", "alice", "cat-000004", "relabel", "dog") == 0
