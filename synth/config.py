@@ -314,6 +314,10 @@ class DatasetConfig:
     # Which synthetic train/val images the train and tune stages read: all | curated (the curate
     # stage's accepted ones) | auto (curated when the curate stage has judged them, else all).
     synthetic_source: str = "auto"
+    # Hostile examples (prompts.hostile_per_class): evaluate = only the test-only adversarial domain
+    # (the fooling rate); other_class = also a training class "other" (K+1 labels) split like a class,
+    # for models that must refuse them; the adversarial domain then holds the hostile test images.
+    hostile: str = "evaluate"
 
 
 @dataclass
@@ -725,6 +729,20 @@ def class_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.strip().lower()).strip("-")
 
 
+OTHER_CLASS = "other"  # the label of hostile examples with dataset.hostile=other_class
+HOSTILE_MODES = ("evaluate", "other_class")
+
+
+def label_classes(cfg: Config) -> list[str]:
+    """The label space of splits, models, tune trials and the report: ``prompts.classes``, plus
+    ``"other"`` (label K) when hostile examples train a class of their own (dataset.hostile=other_class).
+
+    The prompts, generate, derive and curate stages make images of ``prompts.classes`` only.
+    """
+    classes = list(cfg.prompts.classes)
+    return classes + [OTHER_CLASS] if cfg.dataset.hostile == "other_class" else classes
+
+
 def validate(cfg: Config) -> None:
     _require(bool(_RUN_NAME.match(cfg.run)), "run", cfg.run, "use letters, digits, '.', '_' or '-' (at most 100)")
     root = cfg.storage.root
@@ -1059,6 +1077,29 @@ def _validate_dataset(cfg: Config) -> None:
         d.synthetic_source,
         f"choose one of {', '.join(SYNTHETIC_SOURCES)} (curated needs the curate stage's verdicts)",
     )
+    _require(
+        d.hostile in HOSTILE_MODES,
+        "dataset.hostile",
+        d.hostile,
+        "choose evaluate (hostile examples only measure the fooling rate) or other_class (they also train a class "
+        f"{OTHER_CLASS!r})",
+    )
+    if d.hostile == "other_class":
+        p = cfg.prompts
+        _require(
+            OTHER_CLASS not in [class_slug(c) for c in p.classes],
+            "prompts.classes",
+            p.classes,
+            f"dataset.hostile=other_class adds the class {OTHER_CLASS!r} for hostile examples; rename your class "
+            f"{OTHER_CLASS!r}, or use dataset.hostile=evaluate",
+        )
+        _require(
+            p.hostile_per_class >= 1,
+            "prompts.hostile_per_class",
+            p.hostile_per_class,
+            f"dataset.hostile=other_class trains the class {OTHER_CLASS!r} on hostile examples, so make some "
+            "(e.g. prompts.hostile_per_class=50), or use dataset.hostile=evaluate",
+        )
     _require(
         d.techniques is None
         or (len(d.techniques) > 0 and len(set(d.techniques)) == len(d.techniques) and set(d.techniques) <= set(TRAIN_TECHNIQUES)),

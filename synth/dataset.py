@@ -18,8 +18,8 @@ Every training split then gives up ``val_fraction`` of each class to a validatio
 model selection and tuning; test splits are for final numbers only.
 
 Outputs, ``<run>/dataset/<real|synthetic>/<train|val|test>.parquet``, one row per image:
-``id`` (string), ``label`` (int32: the position of the class in ``prompts.classes``, the same label
-space for both domains), ``class_name``, ``image`` (PNG bytes, RGB, ``dataset.image_size`` square),
+``id`` (string), ``label`` (int32: the position of the class in ``prompts.classes``, plus "other" with
+``dataset.hostile=other_class``: :func:`synth.config.label_classes`, the same label space for both domains), ``class_name``, ``image`` (PNG bytes, RGB, ``dataset.image_size`` square),
 ``domain`` and ``source`` (where the image came from). Beside them: config.yaml and summary.json.
 
 Determinism: which split an image lands in is a pure function of the ids, their parents, their
@@ -51,7 +51,7 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from synth.config import TECHNIQUES, Config, ConfigError, DatasetConfig, StorageConfig, class_slug
+from synth.config import OTHER_CLASS, TECHNIQUES, Config, ConfigError, DatasetConfig, StorageConfig, class_slug, label_classes
 from synth.images import decode_png, encode_png
 from synth.progress import say
 from synth.shards import META_PLAN, check_shard
@@ -63,7 +63,9 @@ DOMAINS = ("real", "synthetic", "adversarial")
 SPLITS = ("train", "val", "test")
 # Hostile examples (the prompts stage's technique "hostile": a class's look on the wrong object)
 # are not their class: they make the test-only "adversarial" domain, labelled with the class they
-# imitate, so a model's accuracy on it is its fooling rate. They never enter a training split.
+# imitate, so a model's accuracy on it is its fooling rate. With dataset.hostile=evaluate they never
+# enter a training split; with other_class they are also the synthetic class "other" (label K),
+# split like a class, and the adversarial domain holds only those in the synthetic test split.
 HOSTILE = "hostile"
 ADVERSARIAL = "adversarial"
 SPLITS_OF = {ADVERSARIAL: ("test",)}
@@ -612,7 +614,24 @@ def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
         images_by_class[class_of_group[key]] += len(ids)
 
     # Labels come from the class name, so a run with another class order still lines up.
-    ours = {class_slug(c): label for label, c in enumerate(cfg.prompts.classes)}
+    classes = label_classes(cfg)
+    ours = {class_slug(c): label for label, c in enumerate(classes)}
+    hostile_ids = sorted(
+        i for i, m in made.items() if m.technique == HOSTILE and class_slug(m.class_name) in ours
+    )
+    other = d.hostile == "other_class"
+    if other:
+        # The class "other": the hostile examples, split like a class (hostile images are never
+        # parents, so each is its own lineage group).
+        if not hostile_ids:
+            raise ConfigError(
+                f"dataset.hostile=other_class, but run {cfg.run!r} has no hostile examples (technique hostile) to make "
+                f"the class {OTHER_CLASS!r}. Fix: set prompts.hostile_per_class >= 1 and rerun the prompts and generate "
+                "stages under a new run name, or use dataset.hostile=evaluate"
+            )
+        for image_id in hostile_ids:
+            members[group_of[image_id]].append(image_id)
+            groups_by_class[OTHER_CLASS].append(group_of[image_id])
 
     def item(image_id: str, class_name: str) -> Item:
         # A reviewer's relabel changes the image's label, not the split its lineage group is in.
@@ -650,7 +669,7 @@ def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
     # classes and dataset.seed alone, before any image is read.
     splits: dict[str, list[Item]] = {"train": [], "test": []}
     available, unused, notes, groups, largest, lineage_notes = {}, {}, {}, {}, {}, {}
-    for label, class_name in enumerate(cfg.prompts.classes):
+    for label, class_name in enumerate(classes):
         sizes = {key: len(members[key]) for key in groups_by_class[class_slug(class_name)]}
         n_images = sum(sizes.values())
         n_train, n_test, note = synthetic_split_sizes(n_images, d.synthetic_train_per_class, d.synthetic_test_per_class)
@@ -675,18 +694,23 @@ def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
         for split, keys in (("train", train_keys), ("test", test_keys)):
             for image_id in sorted(i for key in keys for i in members[key]):
                 splits[split].append(item(image_id, class_name))
-    # The hostile examples of the configured classes, all of them, for the adversarial domain.
-    hostile = [
-        item(image_id, cfg.prompts.classes[ours[class_slug(m.class_name)]])
-        for image_id, m in sorted(made.items())
-        if m.technique == HOSTILE and class_slug(m.class_name) in ours
-    ]
+    # The hostile examples of the configured classes for the adversarial domain, labelled with the
+    # class each imitates: all of them, or with other_class those in the synthetic test split only,
+    # so none of them was seen in training.
+    if other:
+        in_test = {i.id for i in splits["test"]}
+        hostile_ids = [i for i in hostile_ids if i in in_test]
+    hostile = [item(image_id, cfg.prompts.classes[ours[class_slug(made[image_id].class_name)]]) for image_id in hostile_ids]
 
     # 4. Image bytes, one shard read at a time, only for the chosen ids.
     ids_of: dict[tuple[str, int], list[str]] = defaultdict(list)
     for image_id, m in made.items():
         ids_of[(m.stage, m.shard)].append(image_id)
-    wanted = {item.id: item for items in [*splits.values(), hostile] for item in items}
+    wanted: dict[str, Item] = {}
+    for image in (i for items in [*splits.values(), hostile] for i in items):
+        # With other_class a hostile test image is in both domains: one read fills both items.
+        wanted.setdefault(image.id, image)
+    twins = [(image, wanted[image.id]) for image in hostile if wanted[image.id] is not image]
     to_read = sorted({(made[i].stage, made[i].shard) for i in wanted}, key=lambda s: (IMAGE_STAGES.index(s[0]), s[1]))
     for stage, shard in to_read:
         key = layout.shard(stage, shard)
@@ -715,6 +739,8 @@ def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
             f"{len(lost)} images in the {stage} manifest are not in their shards (e.g. {lost[0]!r}). Fix: delete "
             f"{storage.uri(layout.stage(stage))} and rerun the {stage} stage"
         )
+    for image, read in twins:
+        image.data = read.data
     info = {
         "source": "+".join(stages),
         "manifests": {stage: storage.uri(layout.manifest(stage)) for stage in stages},
@@ -727,7 +753,8 @@ def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
         "unused_per_class": unused,
         "proportional_split": notes,
         "ignored_classes": ignored_classes,
-        "hostile_images": len(hostile),
+        "hostile": d.hostile,
+        "hostile_images": sum(1 for m in made.values() if m.technique == HOSTILE and class_slug(m.class_name) in ours),
         "synthetic_source": source,
     }
     if curation is not None:
@@ -872,7 +899,12 @@ def _lineage_counts(table: pa.Table, found: DomainItems) -> tuple[int, dict]:
         images[found.technique_of[image_id]] += 1
         groups[found.technique_of[image_id]].add(found.group_of[image_id])
     n_groups = len(set().union(*groups.values()))
-    return n_groups, {t: {"images": int(images[t]), "groups": len(groups[t])} for t in found.info["techniques"]}
+    return n_groups, {t: {"images": int(images[t]), "groups": len(groups[t])} for t in _split_techniques(found)}
+
+
+def _split_techniques(found: DomainItems) -> list[str]:
+    """The techniques of a synthetic domain's splits: the chosen ones, and hostile with other_class."""
+    return [*found.info["techniques"], *([HOSTILE] if found.info.get("hostile") == "other_class" else [])]
 
 
 def run_dataset(cfg: Config, storage: Optional[Storage] = None) -> dict:
@@ -883,7 +915,7 @@ def run_dataset(cfg: Config, storage: Optional[Storage] = None) -> dict:
     storage = storage or Storage.from_config(cfg.storage)
     layout = Layout(cfg.run)
     d = cfg.dataset
-    classes = list(cfg.prompts.classes)
+    classes = label_classes(cfg)
 
     # 1. Fail fast: storage, then every input, before anything is written.
     storage.check_writable()
@@ -896,7 +928,10 @@ def run_dataset(cfg: Config, storage: Optional[Storage] = None) -> dict:
             hostile = domains["synthetic"].hostile
             domains[ADVERSARIAL] = DomainItems(
                 splits={"train": [], "test": hostile},
-                info={"source": "hostile examples (technique hostile), labelled with the class each imitates"},
+                info={
+                    "source": "hostile examples (technique hostile), labelled with the class each imitates"
+                    + (f"; only those in the synthetic test split (the rest train the class {OTHER_CLASS!r})" if d.hostile == "other_class" else "")
+                },
                 technique_of={i.id: i.technique for i in hostile},
             )
     write_stage_config(storage, cfg, "dataset")
@@ -907,14 +942,21 @@ def run_dataset(cfg: Config, storage: Optional[Storage] = None) -> dict:
         "image_size": d.image_size,
         "seed": d.seed,
         "val_fraction": d.val_fraction,
+        "hostile": d.hostile,
         "domains": {},
         "tables": {},
         "partial_writes_removed": removed,
     }
+    trained: set[str] = set()  # synthetic train and val ids: no adversarial (test) image may be one
     for domain, found in domains.items():
         # 2. Validation split from the training split, by id, before any image is decoded.
         train, val = carve_val(found.splits["train"], d.val_fraction, d.seed, domain, found.group_of)
         planned = {"train": train, "val": val, "test": found.splits["test"]}
+        if domain == "synthetic":
+            trained = {item.id for item in [*train, *val]}
+        leaked = sorted(trained & {item.id for item in planned["test"]}) if domain == ADVERSARIAL else []
+        if leaked:  # by construction impossible with other_class; it would make the fooling rate a training score
+            raise RuntimeError(f"{ADVERSARIAL}: hostile image {leaked[0]!r} is also in a synthetic train or val split")
         report = dict(found.info)
         report.update(images={}, per_class={}, skipped_corrupt={})
         if found.group_of is not None:
@@ -950,9 +992,13 @@ def run_dataset(cfg: Config, storage: Optional[Storage] = None) -> dict:
         line = f"{domain}: " + ", ".join(f"{split} {n:,}" for split, n in report["images"].items()) + " images"
         if "per_technique" in report:
             # e.g. "(template 4,500/500/1,000, variation 900/100/200 train/val/test)"
-            per_split = [f"{t} " + "/".join(f"{report['per_technique'][s][t]['images']:,}" for s in SPLITS) for t in report["techniques"]]
+            per_split = [f"{t} " + "/".join(f"{report['per_technique'][s][t]['images']:,}" for s in SPLITS) for t in _split_techniques(found)]
             line += f" ({', '.join(per_split)} train/val/test)"
         if domain == "synthetic":
+            if d.hostile == "other_class":
+                report["other_images"] = {split: report["per_class"][split][OTHER_CLASS] for split in SPLITS}
+                line += f"; class {OTHER_CLASS!r} (hostile examples) " + "/".join(f"{report['other_images'][s]:,}" for s in SPLITS)
+                line += " train/val/test"
             line += f"; source {report['synthetic_source']}"
             if "accepted" in report:
                 kept = "/".join(f"{report['accepted'][s]:,}" for s in SPLITS)

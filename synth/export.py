@@ -51,7 +51,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from synth.config import Config, ConfigError, class_slug
+from synth.config import Config, ConfigError, class_slug, label_classes
 from synth.dataset import ADVERSARIAL, META_CLASSES, SPLITS, SPLITS_OF
 from synth.progress import plural, rate, say
 from synth.storage import TRANSIENT_MARK, Layout, Storage, StorageError, parquet_bytes
@@ -222,7 +222,7 @@ def select(cfg: Config, storage: Storage) -> tuple[list[Part], list[str], dict]:
                 )
             table, table_classes = _read_light(storage, key)
             if classes is None:
-                classes = table_classes or list(cfg.prompts.classes)
+                classes = table_classes or label_classes(cfg)
             elif table_classes and table_classes != classes:
                 raise ConfigError(
                     f"{storage.uri(key)} has the classes {table_classes}, other splits {classes}. Fix: rerun the dataset stage"
@@ -271,7 +271,7 @@ def select(cfg: Config, storage: Storage) -> tuple[list[Part], list[str], dict]:
         )
     if e.full_resolution:
         notes["full_resolution_images"] = sum(1 for p in parts for k in p.full if k)
-    return parts, classes or list(cfg.prompts.classes), notes
+    return parts, classes or label_classes(cfg), notes
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synth.config import Config, to_dict
+from synth.config import Config, label_classes, to_dict
 from synth.model import Net, architecture, build_model, check_architecture, tta_logits
 
 # airbench94 constants that are part of the recipe, not knobs worth a config key.
@@ -522,9 +522,9 @@ def result_hash(cfg: Config, **what: Any) -> str:
     blob = {
         "run": cfg.run,
         "train": {k: v for k, v in to_dict(cfg.train).items() if k not in NOT_RECIPE},
-        "classes": list(cfg.prompts.classes),
+        "classes": label_classes(cfg),
         "dataset": to_dict(cfg.dataset),
-        "architecture": architecture(len(cfg.prompts.classes), cfg.train.width),
+        "architecture": architecture(len(label_classes(cfg)), cfg.train.width),
         **what,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -48,7 +48,7 @@ from typing import Optional
 
 import numpy as np
 
-from synth.config import TRAIN_TECHNIQUES, Config, TrainConfig, to_dict
+from synth.config import TRAIN_TECHNIQUES, Config, TrainConfig, label_classes, to_dict
 from synth.model import architecture, model_bytes
 from synth.progress import ProgressRelay, say
 from synth.recipe import STATE_FILE, Run, budget, result_hash
@@ -105,6 +105,10 @@ def ablation_pool(synthetic_train: Split, selection: str, source: str) -> Split:
     Technique cells read the synthetic source as every synthetic cell does (accepted images only
     when it resolved to curated); the curation pair compares the accepted images with all of them.
     """
+    # Hostile examples (the class "other" with dataset.hostile=other_class) are no technique of a class.
+    hostile = synthetic_train.techniques == "hostile"
+    if hostile.any():  # a copy only where there are some
+        synthetic_train = synthetic_train.take(np.flatnonzero(~hostile))
     if selection == "curated":
         return synthetic_train.accepted_only()
     if selection == "uncurated":
@@ -121,7 +125,7 @@ def plan_ablation(cfg: Config, catalog: Split, source: str) -> Optional[Ablation
     when a compared set has too few images of a class for the quota (no cell is silently skipped:
     a missing row would make the table compare unequal things).
     """
-    a, k = cfg.train.ablation, len(cfg.prompts.classes)
+    a, k = cfg.train.ablation, len(cfg.prompts.classes)  # the K classes: "other" is in no ablation cell
     if a.techniques is None and not a.curation:
         return None
     techniques: list[str] = []
@@ -363,7 +367,7 @@ def train_experiment(
 
     start = time.perf_counter()
     t = cfg.train
-    classes = list(cfg.prompts.classes)
+    classes = label_classes(cfg)
     if ablation is not None:
         train_domain = "synthetic"
     layout = Layout(cfg.run)
@@ -380,7 +384,8 @@ def train_experiment(
     if data is None:
         data = SplitCache(storage, cfg.run, classes, synthetic_source=source).load(needed_splits([train_domain], tested))
     if ablation is not None:
-        train = ablation_train_set(data.get("synthetic", "train"), ablation, source, len(classes), seed)
+        # Ablation cells compare the K classes' techniques; "other" (hostile examples) is in none of them.
+        train = ablation_train_set(data.get("synthetic", "train"), ablation, source, len(cfg.prompts.classes), seed)
         val = data.get("synthetic", "val")  # the whole split: one yardstick for every ablation cell
     else:
         train, val = data.train_val(train_domain, t.mixture_synthetic_fraction, seed)
@@ -518,7 +523,7 @@ def run_train(cfg: Config, storage: Optional[Storage] = None) -> dict:
     start = time.perf_counter()
     storage = storage or Storage.from_config(cfg.storage)
     layout, t = Layout(cfg.run), cfg.train
-    classes = list(cfg.prompts.classes)
+    classes = label_classes(cfg)
 
     # 1. Fail fast on storage; note the config; clear interrupted writes.
     storage.check_writable()

@@ -61,7 +61,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from synth.config import Config, TuneConfig, to_dict, validate
+from synth.config import Config, TuneConfig, label_classes, to_dict, validate
 from synth.progress import say, verbose
 from synth.recipe import STATE_FILE, Run, budget, result_hash
 from synth.records import RecordError, TrialRecord, TuneRow
@@ -538,7 +538,7 @@ def run_tune(cfg: Config, storage: Optional[Storage] = None) -> dict:
     if document is None:
         # 3. Data and plan, checked before any trial starts.
         source = resolve_synthetic_source(cfg.dataset.synthetic_source, storage, cfg.run)
-        data = SplitCache(storage, cfg.run, list(cfg.prompts.classes), synthetic_source=source).load(SWEEP_SPLITS)
+        data = SplitCache(storage, cfg.run, label_classes(cfg), synthetic_source=source).load(SWEEP_SPLITS)
         if len(data.get("real", "val")) == 0:
             raise ValueError("the real validation split is empty. Fix: set dataset.val_fraction > 0 and rebuild the dataset")
         plan = sweep_plan(len(data.get("real", "train")), len(data.selected("synthetic", "train")), cfg)
@@ -554,7 +554,7 @@ def run_tune(cfg: Config, storage: Optional[Storage] = None) -> dict:
         concurrency = max_concurrent_trials(u, resources, cluster, cells)
         context = TrialContext(
             run=cfg.run, experiment=experiment, sweep_hash=sweep_hash(cfg), mode=u.mode, hp=to_dict(cfg.train),
-            classes=tuple(cfg.prompts.classes), storage=storage, threads=max(1, int(u.cpus_per_trial)),
+            classes=tuple(label_classes(cfg)), storage=storage, threads=max(1, int(u.cpus_per_trial)),
         )  # fmt: skip
         trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, context=context), resources)
         tuner, restored = make_tuner(cfg, storage, trainable, concurrency, [sweep_progress(cells, already)], restore=not lost_records)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from synth.config import Config, ConfigError, load_config
+from synth.config import Config, ConfigError, label_classes, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -61,6 +61,9 @@ def test_overrides_win_and_are_typed():
         (["run=${"], "close the ${...} interpolation"),
         (["run=${nope}"], "cannot resolve config key 'run'"),
         (["[=0"], "override '[=0' for config key '[': the key does not parse"),  # an IndexError inside OmegaConf
+        (["dataset.hostile=train"], "dataset.hostile='train' is invalid: choose evaluate"),
+        (["dataset.hostile=other_class", "prompts.classes=[cat,Other]"], "rename your class 'other'"),
+        (["dataset.hostile=other_class", "prompts.hostile_per_class=0"], "make some (e.g. prompts.hostile_per_class=50)"),
     ],
 )
 def test_bad_input_names_key_and_fix(override, needle):
@@ -156,3 +159,12 @@ def test_generator_paths_are_checked_for_syntax_only():
     assert cfg.generate.generator == "nope.module:Thing"
     cfg = load_config(CONFIGS / "smoke.yaml", ["generate.generator=synth.testkit:ClassAwareTestGenerator"])
     assert cfg.generate.generator == "synth.testkit:ClassAwareTestGenerator"
+
+
+def test_label_classes_add_other_only_when_hostile_examples_train_it():
+    evaluate = load_config(CONFIGS / "smoke.yaml")
+    assert evaluate.dataset.hostile == "evaluate"
+    assert label_classes(evaluate) == evaluate.prompts.classes
+    other = load_config(CONFIGS / "smoke.yaml", ["dataset.hostile=other_class"])
+    assert label_classes(other) == [*other.prompts.classes, "other"]
+    assert other.prompts.classes == evaluate.prompts.classes  # the images made stay the K classes'

@@ -722,6 +722,63 @@ def test_hostile_images_make_the_test_only_adversarial_domain(tmp_path, capsys):
         lineage_cfg(tmp_path, "dataset.techniques=[hostile]")
 
 
+def test_hostile_examples_train_the_class_other(tmp_path, capsys):
+    storage = Storage(str(tmp_path))
+    rows = hostile_run(storage)
+    hostile = sorted(r["id"] for r in rows if r["technique"] == "hostile")
+    quotas = ["dataset.synthetic_train_per_class=6", "dataset.synthetic_test_per_class=3", "dataset.val_fraction=0.2"]
+    cfg = lineage_cfg(tmp_path, "dataset.hostile=other_class", "prompts.hostile_per_class=3", *quotas)
+    summary = run_dataset(cfg)
+    classes = [*CLASSES, "other"]
+    synthetic = tables(storage, "synthetic")
+    ids = {split: t.column("id").to_pylist() for split, t in synthetic.items()}
+    for split, t in synthetic.items():
+        assert [classes[y] for y in t.column("label").to_pylist()] == t.column("class_name").to_pylist()
+        assert t.schema.metadata[b"synth.classes"] == "\x1f".join(classes).encode()
+    # "other" is split like a class (each hostile image its own lineage group): a seeded choice of
+    # synthetic_test_per_class images to test, then val_fraction of the rest to val.
+    other = {split: [i for i, n in zip(ids[split], t.column("class_name").to_pylist()) if n == "other"] for split, t in synthetic.items()}
+    test = sorted(seeded_order(hostile, 0, "synthetic", "other")[:3])
+    rest = [i for i in hostile if i not in test]
+    val = sorted(seeded_order(rest, 0, "synthetic", "val", "other")[:1])
+    assert other == {"train": [i for i in rest if i not in val], "val": val, "test": test}
+    for split, t in synthetic.items():
+        techniques = dict(zip(t.column("id").to_pylist(), t.column("technique").to_pylist()))
+        assert {techniques[i] for i in other[split]} == {"hostile"}
+        assert {techniques[i] for i in ids[split] if i not in other[split]} == {"environment"}
+    # The K classes keep their quotas: 6 train (1 to val) and 3 test of their 10 images each.
+    counts = summary["domains"]["synthetic"]["per_class"]
+    assert counts == {"train": {c: 5 for c in classes}, "val": {c: 1 for c in classes}, "test": {c: 3 for c in classes}}
+    assert summary["hostile"] == "other_class"
+    assert summary["domains"]["synthetic"]["other_images"] == {"train": 5, "val": 1, "test": 3}
+    # The adversarial domain: the hostile test images only, labelled with the class each imitates,
+    # so the fooling rate stays comparable and no image there was seen in training or validation.
+    adversarial = load_split_table(storage, RUN, "adversarial", "test")
+    assert adversarial.column("id").to_pylist() == test
+    assert adversarial.column("class_name").to_pylist() == [i.split("-")[0] for i in test]
+    assert [classes[y] for y in adversarial.column("label").to_pylist()] == adversarial.column("class_name").to_pylist()
+    assert not set(test) & (set(ids["train"]) | set(ids["val"]))
+    assert summary["domains"]["adversarial"]["images"] == {"test": 3}
+    # The same pixels in both domains.
+    assert adversarial.column("image").to_pylist() == [synthetic["test"].column("image")[ids["test"].index(i)].as_py() for i in test]
+    out = capsys.readouterr().out
+    assert "class 'other' (hostile examples) 5/1/3 train/val/test" in out and "hostile 5/1/3" in out
+    # A rerun gives the same tables; the default mode keeps hostile examples out of training.
+    run_dataset(cfg)
+    assert {split: t.column("id").to_pylist() for split, t in tables(storage, "synthetic").items()} == ids
+    default = run_dataset(lineage_cfg(tmp_path, *quotas))
+    assert default["hostile"] == "evaluate" and "other_images" not in default["domains"]["synthetic"]
+    assert load_split_table(storage, RUN, "adversarial", "test").column("id").to_pylist() == hostile
+    assert not {i for t in tables(storage, "synthetic").values() for i in t.column("id").to_pylist()} & set(hostile)
+
+
+def test_other_class_needs_hostile_examples(tmp_path):
+    storage = Storage(str(tmp_path))
+    write_image_stage(storage, "generate", [row(f"{c}-{i:06d}", c, "environment") for c in CLASSES for i in range(4)])
+    with pytest.raises(ConfigError, match="no hostile examples.*prompts.hostile_per_class >= 1.*dataset.hostile=evaluate"):
+        run_dataset(lineage_cfg(tmp_path, "dataset.hostile=other_class", "prompts.hostile_per_class=3"))
+
+
 def test_curate_verdicts_and_review_decisions_reach_the_splits(tmp_path, capsys):
     storage = Storage(str(tmp_path))
     rows = hostile_run(storage)

@@ -194,6 +194,51 @@ def test_checkpoint_from_another_width_is_refused(matrix):
         restore_state(checkpoint, build_model(6, 0.25))
 
 
+def test_other_class_trains_k_plus_1_outputs_and_refuses_hostile_images(root, ray_cluster):
+    """dataset.hostile=other_class: the synthetic splits hold a class "other" (label K), real ones none."""
+    from synth.config import label_classes
+    from synth.report import run_report
+    from synth.runtime import write_stage_summary
+
+    cfg = make_config(root, "other", "dataset.hostile=other_class", "prompts.hostile_per_class=3", "train.experiments=[synthetic]")
+    storage = Storage.from_config(cfg.storage)
+    classes = label_classes(cfg)
+    k = len(cfg.prompts.classes)
+    assert classes == [*cfg.prompts.classes, "other"]
+    write_class_aware_dataset(storage, cfg.run, classes, PER_CLASS, domains=("synthetic",))
+    for s, (split, n) in enumerate(PER_CLASS.items()):  # real: the K classes only, in the same label space
+        labels = [y for y in range(k) for _ in range(n)]
+        images = np.stack([class_pattern_image(y, 500_000 + 10_000 * s + i, 32) for i, y in enumerate(labels)])
+        write_dataset_split(storage, cfg.run, "real", split, images, labels, classes)
+    # Hostile test images: the look of "other", labelled with the class each imitates.
+    imitated = [i % k for i in range(2 * k)]
+    hostile = np.stack([class_pattern_image(k, 900_000 + i, 32) for i in range(len(imitated))])
+    write_dataset_split(storage, cfg.run, "adversarial", "test", hostile, imitated, classes)
+
+    m = train_experiment(cfg, storage, "synthetic", 0)
+    assert m["classes"] == classes and set(m["test"]) == {"real", "synthetic", "mixture", "adversarial"}
+    model, stored = load_model(storage.read_bytes(Layout(cfg.run).train_model("train-synthetic", 0)), expected=architecture(k + 1, 0.125))
+    assert stored == classes
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, k + 1)  # the head has K+1 outputs
+    for t in m["test"].values():
+        assert np.array(t["confusion_matrix"]).shape == (k + 1, k + 1) and "other" in t["per_class"]
+    real = m["test"]["real"]
+    assert real["per_class"]["other"]["support"] == 0 and real["n"] == k * PER_CLASS["test"]
+    # An "other" prediction on a real image is wrong: accuracy is the trace over every real image.
+    cm = np.array(real["confusion_matrix"])
+    assert real["accuracy"] == pytest.approx(np.trace(cm) / cm.sum()) and real["accuracy"] > 0.8
+    assert m["test"]["synthetic"]["per_class"]["other"]["recall"] > 0.8
+    # The model refuses hostile images: its fooling rate (accuracy on them) is low.
+    assert m["test"]["adversarial"]["accuracy"] < 0.2
+
+    # The report lists "other" in the per-class numbers and says what it is.
+    write_stage_summary(storage, cfg, "dataset", {"classes": classes, "hostile": "other_class", "domains": {}})
+    run_report(cfg, storage)
+    report = storage.read_json(f"{cfg.run}/report/report.json")
+    assert report["classes"] == classes and "other" in report["per_class"]["synthetic"]["real"]
+    assert any("dataset.hostile=other_class" in n for n in report["notes"])
+
+
 # -- faults: a killed worker, a killed driver ------------------------------------------------------
 
 WORKER = "ray::RayTrainWorker"  # a Ray Train worker's process title (".<method>" added while it runs one)
@@ -457,6 +502,25 @@ def test_filter_keeping_one_class_changes_the_model(root, ray_cluster):
     assert spread[0] < 0.5 * spread.sum() and everything["test"]["real"]["accuracy"] > 0.8
     # The fooling rate is the accuracy on hostile images, stored like any test domain.
     assert everything["test"]["adversarial"]["n"] == 6 * 8 and 0 <= curated["test"]["adversarial"]["accuracy"] <= 1
+
+
+def test_ablation_cells_leave_out_the_other_class(tmp_path):
+    """With dataset.hostile=other_class the synthetic train split holds hostile images (label K):
+    ablation cells compare the K classes' techniques and curation, so none of them draws those."""
+    cfg = make_config(tmp_path, "r", "dataset.hostile=other_class", "prompts.hostile_per_class=3",
+                      "train.ablation.techniques=[all]", "train.ablation.curation=true")  # fmt: skip
+    k = len(cfg.prompts.classes)
+    labels = np.repeat(np.arange(k + 1), 8)
+    catalog = Split(
+        np.zeros((len(labels), 0, 0, 3), np.uint8), labels, np.array([f"{y}-{i}" for i, y in enumerate(labels)], dtype=object),
+        np.array(["hostile" if y == k else "vanilla" for y in labels], dtype=object), np.full(len(labels), True, dtype=object),
+    )  # fmt: skip
+    plan = plan_ablation(cfg, catalog, "all")
+    assert [c.experiment for c in plan.cells] == ["ablate-technique-vanilla", "ablate-curated", "ablate-uncurated"]
+    assert all(counts == [8] * k for counts in plan.available.values()) and plan.images_per_class == 8
+    for cell in plan.cells:
+        drawn = ablation_train_set(catalog, cell, "all", k, seed=0)
+        assert len(drawn) == 8 * k and k not in set(drawn.labels) and "hostile" not in set(drawn.techniques)
 
 
 @pytest.fixture(scope="module")

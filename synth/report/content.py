@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from synth.config import OTHER_CLASS
 from synth.report.document import Code, Group, Heading, Para, Plot, Table
 from synth.report.inputs import PROVENANCE_STAGES, SAMPLES_PER_CLASS, SPLITS, Inputs
 from synth.report.numbers import (
@@ -402,6 +403,13 @@ def report_notes(agg: dict, inputs: Inputs) -> list[str]:
             notes.append(
                 f"Only one seed was trained on {train} data, so its cells show no spread; train more seeds to estimate it."
             )
+    if (inputs.summaries.get("dataset") or {}).get("hostile") == "other_class" and OTHER_CLASS in agg["classes"]:
+        notes.append(
+            f"The class {OTHER_CLASS!r} is the hostile examples (dataset.hostile=other_class), which the models learn to "
+            "refuse. Real test images hold none (its real recall is empty), and a real image predicted "
+            f"{OTHER_CLASS!r} counts as wrong in the real accuracy. The fooling rate is measured on the hostile test "
+            "images only, labelled with the class each imitates."
+        )
     versions = sorted({str(m.get("code_version", "unknown")) for m in inputs.metrics})
     if len(versions) > 1:
         notes.append(
