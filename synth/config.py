@@ -1037,8 +1037,12 @@ DERIVE_TECHNIQUES = ("variation", "fusion", "inpainting")
 # The per-class prompt mix (prompts.techniques), then hostile examples (NOT the class they imitate:
 # evaluation only, never trained on), then the derived techniques.
 PROMPT_TECHNIQUES = ("vanilla", "environment", "domain", "hard", "llm")
-TECHNIQUES = (*PROMPT_TECHNIQUES, "hostile", *DERIVE_TECHNIQUES)
-TRAIN_TECHNIQUES = tuple(t for t in TECHNIQUES if t != "hostile")
+# Hostile examples (a class's look on the wrong object) are not their class: never training
+# images of it; they make the test-only ADVERSARIAL domain, where a model's accuracy is its fooling rate.
+HOSTILE = "hostile"
+ADVERSARIAL = "adversarial"
+TECHNIQUES = (*PROMPT_TECHNIQUES, HOSTILE, *DERIVE_TECHNIQUES)
+TRAIN_TECHNIQUES = tuple(t for t in TECHNIQUES if t != HOSTILE)
 
 
 def _validate_dataset(cfg: Config) -> None:
@@ -1111,8 +1115,19 @@ def _validate_dataset(cfg: Config) -> None:
 
 
 SYNTHETIC_SOURCES = ("auto", "all", "curated")
+
+
+def choose_synthetic_source(setting: str, judged: bool) -> Optional[str]:
+    """``dataset.synthetic_source`` as the readers of the synthetic domain apply it, given whether the
+    curate stage has judged the images: "all" or "curated"; None when curated is asked for and
+    nothing is judged (each caller names its own fix)."""
+    if setting == "all":
+        return "all"
+    if judged:
+        return "curated"
+    return None if setting == "curated" else "all"
 # Test domains: adversarial (hostile images) is skipped with a warning when a run made none.
-TEST_DOMAINS = ("real", "synthetic", "mixture", "adversarial")
+TEST_DOMAINS = ("real", "synthetic", "mixture", ADVERSARIAL)
 
 
 def _validate_ablation(a: TrainAblationConfig) -> None:

@@ -1,6 +1,6 @@
 """The curate stage: CLIP scores for every synthetic image, exactly once, then per-class filter rules.
 
-Inputs are every image of the run's generate and derive manifests (:data:`synth.dataset.IMAGE_STAGES`),
+Inputs are every image of the run's generate and derive manifests (:data:`synth.imagejob.IMAGE_STAGES`),
 read from their checked shards (or their full-resolution PNGs where the stage kept them and
 ``curate.full_resolution`` is on). K = ``len(prompts.classes)``.
 
@@ -50,19 +50,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from synth.config import Config, ConfigError, CurateConfig, class_slug
+from synth.config import HOSTILE, Config, ConfigError, CurateConfig, class_slug
 from synth.imagejob import (
-    MAX_PASSES, _refuse_foreign, build_manifest, claim_plan, cut_shards, import_class, scan_shards, shard_pool,
+    IMAGE_STAGES, MAX_PASSES, PRESENT, WRITTEN, _refuse_foreign, _status_of_stored, build_manifest, claim_plan, cut_shards,
+    import_class, scan_shards, shard_pool,
 )  # fmt: skip
 from synth.progress import plural, rate, say
 from synth.shards import META_CONTENT, META_PLAN, META_SHARD, check_shard, content_sha256, plan_sha256
 from synth.storage import Layout, Storage, StorageError, parquet_bytes, quarantine
 
 STAGE = "curate"
-HOSTILE = "hostile"  # the prompts stage's technique for images that imitate a class without being it
-IMAGE_STAGES = ("generate", "derive")  # synth.dataset.IMAGE_STAGES; kept here so curate does not import the dataset stage
 REASONS = ("similarity", "probability", "duplicate", "top")  # in the order the rules are applied
-WRITTEN, PRESENT, BAD = "written", "present", "bad"
 
 # One stored score shard: the manifest columns, then the scores.
 SHARD_KEEP = ["id", "class_name", "label", "technique", "stage", "shard"]
@@ -242,7 +240,7 @@ def candidate_rows(cfg: Config, storage: Storage) -> tuple[list[dict], dict[str,
         if not storage.exists(key):
             continue
         manifest = storage.read_parquet(key, columns=["id", "label", "class_name", "technique", "shard"])
-        plans[stage] = (storage.read_parquet(key, columns=["id"]).schema.metadata or {}).get(META_PLAN, b"").decode()
+        plans[stage] = (manifest.schema.metadata or {}).get(META_PLAN, b"").decode()
         plan = storage.read_json_or_none(layout.plan(stage)) or {}
         full = cfg.curate.full_resolution and bool(plan.get("keep_full_resolution"))
         unknown = sorted(set(manifest.column("class_name").to_pylist()) - set(classes))
@@ -263,6 +261,12 @@ def candidate_rows(cfg: Config, storage: Storage) -> tuple[list[dict], dict[str,
             "Fix: run python -m ray_jobs.generate <config> (and ray_jobs.derive) first, with the same run and storage.root"
         )
     return rows, plans
+
+
+def planned(cfg: Config, storage: Storage) -> tuple[list[list[dict]], dict]:
+    """The score shards (id-sorted candidate rows, cut) and the plan this config makes, for the stage and verify."""
+    rows, plans = candidate_rows(cfg, storage)
+    return cut_shards(rows, cfg.curate.shard_size), plan_for(cfg, rows, plans, scorer_class(cfg.curate.scorer).model_name(cfg.curate))
 
 
 def plan_for(cfg: Config, rows: list[dict], plans: dict[str, str], model: str) -> dict:
@@ -363,7 +367,7 @@ class ShardScorer:
             start, shard, rows = time.perf_counter(), int(shard), json.loads(rows_json)
             key, ids = self.layout.shard(STAGE, shard), [r["id"] for r in rows]
             if self.storage.exists(key):  # a concurrent driver with the same plan stored it meanwhile
-                status = _status_of_stored(self.storage, key, shard, self.plan, ids)
+                status = _status_of_stored(self.storage, key, shard, self.plan, ids, SCORE_COLUMNS)
             else:
                 parts = []
                 for i in range(0, len(rows), self.batch_size):
@@ -372,7 +376,7 @@ class ShardScorer:
                     parts.append(score_images(self.scorer, images, [r["label"] for r in chunk]))
                 scores = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
                 data = parquet_bytes(score_shard_table(rows, scores, shard, self.plan))
-                status = WRITTEN if self.storage.create(key, data) else _status_of_stored(self.storage, key, shard, self.plan, ids)
+                status = WRITTEN if self.storage.create(key, data) else _status_of_stored(self.storage, key, shard, self.plan, ids, SCORE_COLUMNS)
             out["shard"].append(shard)
             out["images"].append(len(rows))
             out["status"].append(status)
@@ -385,22 +389,15 @@ class ShardScorer:
         }
 
 
-def _status_of_stored(storage: Storage, key: str, shard: int, plan: str, ids: list[str]) -> str:
-    try:
-        data = storage.read_bytes(key)
-    except FileNotFoundError:
-        return BAD  # gone again: the driver's next check scores it
-    return PRESENT if check_shard(data, shard, plan, ids, SCORE_COLUMNS).ok else BAD
-
-
 def _score_with_ray(storage: Storage, cfg: Config, spec: ScorerSpec, plans: dict, plan: str, todo: list) -> Iterator[dict]:
-    """Score the given shards on the image job's actor pool (each actor claims its score shard itself)."""
+    """Score the given shards on the image job's actor pool (each actor claims its score shard itself);
+    ``plans``: each image stage's plan hash, to check the shards the images are read from."""
     c = cfg.curate
     args = (spec, storage, cfg.run, plans, plan, c.batch_size)
     return shard_pool(todo, ShardScorer, args, c.num_actors, c.num_gpus_per_actor).iter_rows()
 
 
-def run_scoring(cfg: Config, storage: Storage, shards: list[list[dict]], plan: dict, spec: ScorerSpec, plans: dict) -> tuple[pa.Table, dict]:
+def run_scoring(cfg: Config, storage: Storage, shards: list[list[dict]], plan: dict, spec: ScorerSpec) -> tuple[pa.Table, dict]:
     """Claim the plan, check stored score shards, score what is missing or bad, check again; the manifest and stats."""
     from synth.runtime import init_ray
 
@@ -433,7 +430,7 @@ def run_scoring(cfg: Config, storage: Storage, shards: list[list[dict]], plan: d
         tick = time.perf_counter()
         init_ray(cfg.ray)
         to_score, done = sum(len(r) for _, r in todo), 0
-        for result in _score_with_ray(storage, cfg, spec, plans, plan_hash, todo):
+        for result in _score_with_ray(storage, cfg, spec, plan["image_plans"], plan_hash, todo):
             results.append(result)
             done += int(result["images"])
             say(STAGE, rate(done, to_score, time.perf_counter() - tick, "images"), progress=True)
@@ -485,17 +482,19 @@ def filter_class(
     reason = [""] * n
     kept: list[int] = []
     emb = np.asarray(embedding, dtype=np.float32)
+    kept_emb = np.empty_like(emb)  # the kept images' embeddings, in the order kept (no copy per image)
     for i in order:
         p = float(prob_own[i])
         if rules.min_similarity is not None and float(similarity[i]) < rules.min_similarity:
             reason[i] = "similarity"
         elif (rules.probability_rule and p < 1.0 / num_classes) or (rules.min_probability is not None and p < rules.min_probability):
             reason[i] = "probability"
-        elif rules.dedup_cosine is not None and kept and float((emb[kept] @ emb[i]).max()) >= rules.dedup_cosine:
+        elif rules.dedup_cosine is not None and kept and float((kept_emb[: len(kept)] @ emb[i]).max()) >= rules.dedup_cosine:
             reason[i] = "duplicate"
         elif rules.top_per_class is not None and len(kept) >= rules.top_per_class:
             reason[i] = "top"
         else:
+            kept_emb[len(kept)] = emb[i]
             kept.append(i)
     rescued = 0
     if rules.min_per_class is not None and len(kept) < rules.min_per_class:
@@ -532,9 +531,17 @@ class Spread:
         return round(1.0 - (float(self.total @ self.total) - self.sq) / (self.n * (self.n - 1)), 6)
 
 
-def _embeddings(column: pa.ChunkedArray) -> np.ndarray:
-    flat = pc.list_flatten(column).to_numpy()
-    return flat.reshape(len(column), -1) if len(column) else np.zeros((0, 0), np.float32)
+def embeddings(column: pa.ChunkedArray) -> np.ndarray:
+    """(N, D) float32 from an ``embedding`` list column of score shards or ``scores.parquet``."""
+    n = len(column)
+    if n == 0:
+        return np.zeros((0, 0), np.float32)
+    column = column.combine_chunks()
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    lengths = set(column.value_lengths().to_pylist())
+    if len(lengths) != 1 or values.size != n * next(iter(lengths)):
+        raise ConfigError("the embedding column of the curate scores has rows of different lengths. Fix: rerun the curate stage")
+    return values.reshape(n, -1)
 
 
 def curate_scores(cfg: Config, storage: Storage, manifest: pa.Table) -> dict:
@@ -561,19 +568,20 @@ def curate_scores(cfg: Config, storage: Storage, manifest: pa.Table) -> dict:
         # themselves, so they never take a place in the class's quotas.
         hostile = pc.equal(table.column("technique"), HOSTILE)
         table = pa.concat_tables([table.filter(pc.invert(hostile)), table.filter(hostile)])
-        n_own = table.num_rows - pc.sum(hostile).as_py() if table.num_rows else 0
+        n_own = table.num_rows - int(pc.sum(hostile).as_py() or 0)
         ids = table.column("id").to_pylist()
-        emb = _embeddings(table.column("embedding"))
+        emb = embeddings(table.column("embedding"))
         similarity, prob_own = table.column("similarity").to_numpy(), table.column("prob_own").to_numpy()
-        v = filter_class(ids[:n_own], similarity[:n_own], prob_own[:n_own], emb[:n_own], rules, len(classes))
-        for image_id, r, a, why in zip(ids, v.rank.tolist(), v.accepted.tolist(), v.reason):
-            verdict[image_id] = (r, a, why)
-        if n_own < len(ids):
-            h = filter_class(ids[n_own:], similarity[n_own:], prob_own[n_own:], emb[n_own:], rules, len(classes))
-            for image_id, r, a, why in zip(ids[n_own:], h.rank.tolist(), h.accepted.tolist(), h.reason):
+        for part in (slice(0, n_own), slice(n_own, None)):  # the class's own images, then its hostile ones
+            part_ids = ids[part]
+            found = filter_class(part_ids, similarity[part], prob_own[part], emb[part], rules, len(classes))
+            for image_id, r, a, why in zip(part_ids, found.rank.tolist(), found.accepted.tolist(), found.reason):
                 verdict[image_id] = (r, a, why)
-            hostile_counts["scored"] += len(ids) - n_own
-            hostile_counts["accepted"] += int(h.accepted.sum())
+            if part.start == 0:
+                v = found
+            else:
+                hostile_counts["scored"] += len(part_ids)
+                hostile_counts["accepted"] += int(found.accepted.sum())
         ids, emb, table = ids[:n_own], emb[:n_own], table.slice(0, n_own)
         reasons = {name: v.reason.count(name) for name in REASONS}
         per_class[class_name] = {"scored": len(ids), "accepted": int(v.accepted.sum()), "rejected": int((~v.accepted).sum()),
@@ -641,12 +649,11 @@ def run_curate(cfg: Config, storage: Optional[Storage] = None) -> dict:
     if scorer.needs_model:  # actors load the absolute folder; the plan keeps the name as given
         c = dataclasses.replace(c, model=check_clip_model(c.model))
     storage.check_writable()
-    rows, plans = candidate_rows(cfg, storage)
-    plan = plan_for(cfg, rows, plans, scorer.model_name(cfg.curate))
+    shards, plan = planned(cfg, storage)
     write_stage_config(storage, cfg, STAGE)
     # 2. Score exactly once.
-    manifest, stats = run_scoring(cfg, storage, cut_shards(rows, c.shard_size), plan, ScorerSpec(c, list(cfg.prompts.classes)), plans)
-    del rows
+    manifest, stats = run_scoring(cfg, storage, shards, plan, ScorerSpec(c, list(cfg.prompts.classes)))
+    del shards
     # 3. Filter class by class and write scores.parquet.
     filtered = curate_scores(cfg, storage, manifest)
     summary = {**filtered, "model": plan["model"], "scorer": c.scorer, "prompt": c.prompt, **stats, "plan": plan}

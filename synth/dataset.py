@@ -51,7 +51,11 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from synth.config import OTHER_CLASS, TECHNIQUES, Config, ConfigError, DatasetConfig, StorageConfig, class_slug, label_classes
+from synth.config import (
+    ADVERSARIAL, HOSTILE, OTHER_CLASS, TECHNIQUES, Config, ConfigError, DatasetConfig, StorageConfig, choose_synthetic_source,
+    class_slug, label_classes,
+)  # fmt: skip
+from synth.imagejob import IMAGE_STAGES
 from synth.images import decode_png, encode_png
 from synth.progress import say
 from synth.shards import META_PLAN, check_shard
@@ -59,19 +63,14 @@ from synth.storage import Layout, Storage
 
 log = logging.getLogger(__name__)
 
-DOMAINS = ("real", "synthetic", "adversarial")
+DOMAINS = ("real", "synthetic", ADVERSARIAL)
 SPLITS = ("train", "val", "test")
 # Hostile examples (the prompts stage's technique "hostile": a class's look on the wrong object)
 # are not their class: they make the test-only "adversarial" domain, labelled with the class they
 # imitate, so a model's accuracy on it is its fooling rate. With dataset.hostile=evaluate they never
 # enter a training split; with other_class they are also the synthetic class "other" (label K),
 # split like a class, and the adversarial domain holds only those in the synthetic test split.
-HOSTILE = "hostile"
-ADVERSARIAL = "adversarial"
 SPLITS_OF = {ADVERSARIAL: ("test",)}
-# The stages whose manifests and shards make the synthetic domain: text-to-image, then images
-# made from parent images.
-IMAGE_STAGES = ("generate", "derive")
 SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -602,7 +601,7 @@ def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
     for technique in techniques:
         if not found[technique]:
             log.warning("dataset: dataset.techniques lists %r, but run %r has no such images", technique, cfg.run)
-    chosen = set(techniques) - {HOSTILE}
+    chosen = set(techniques)  # never HOSTILE: dataset.techniques takes TRAIN_TECHNIQUES only
     members: dict[str, list[str]] = defaultdict(list)  # group key -> its chosen images
     for image_id, m in made.items():
         if m.technique in chosen:
@@ -619,6 +618,7 @@ def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
     hostile_ids = sorted(
         i for i, m in made.items() if m.technique == HOSTILE and class_slug(m.class_name) in ours
     )
+    n_hostile = len(hostile_ids)
     other = d.hostile == "other_class"
     if other:
         # The class "other": the hostile examples, split like a class (hostile images are never
@@ -635,15 +635,9 @@ def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
 
     def item(image_id: str, class_name: str) -> Item:
         # A reviewer's relabel changes the image's label, not the split its lineage group is in.
-        relabelled = curation.relabel.get(image_id) if curation is not None else None
-        if relabelled is not None:
-            if class_slug(relabelled) not in ours:
-                raise ConfigError(
-                    f"a review decision relabels {image_id!r} to {relabelled!r}, which is not in prompts.classes "
-                    f"{list(cfg.prompts.classes)}. Fix: add the class, or record a new decision for {image_id!r} "
-                    "(python -m ray_jobs.review <config> decide ...)"
-                )
-            class_name = cfg.prompts.classes[ours[class_slug(relabelled)]]
+        # curation_state has checked that every relabel names one of prompts.classes.
+        if curation is not None:
+            class_name = curation.relabel.get(image_id, class_name)
         m = made[image_id]
         return Item(
             id=image_id,
@@ -754,7 +748,7 @@ def synthetic_items(cfg: Config, storage: Storage) -> DomainItems:
         "proportional_split": notes,
         "ignored_classes": ignored_classes,
         "hostile": d.hostile,
-        "hostile_images": sum(1 for m in made.values() if m.technique == HOSTILE and class_slug(m.class_name) in ours),
+        "hostile_images": n_hostile,
         "synthetic_source": source,
     }
     if curation is not None:
@@ -782,17 +776,17 @@ def _curation(cfg: Config, storage: Storage):
     synthetic source the readers of the synthetic domain use: "curated" or "all"."""
     from synth.review import curation_state
 
+    from synth.curate import scores_key
+
     state = curation_state(storage, cfg.run, list(cfg.prompts.classes))
-    wanted = cfg.dataset.synthetic_source
-    if wanted == "curated" and state is None:
+    source = choose_synthetic_source(cfg.dataset.synthetic_source, judged=state is not None)
+    if source is None:
         raise ConfigError(
             f"dataset.synthetic_source=curated, but run {cfg.run!r} has no curate scores at "
-            f"{storage.uri(Layout(cfg.run).stage('curate'))}/scores.parquet. Fix: run the curate stage first "
+            f"{storage.uri(scores_key(cfg.run))}. Fix: run the curate stage first "
             "(python -m ray_jobs.curate <config>), or use dataset.synthetic_source=all"
         )
-    if wanted == "auto":
-        wanted = "curated" if state is not None else "all"
-    return state, wanted
+    return state, source
 
 
 def _technique_order(technique: str) -> tuple[int, str]:
@@ -1017,9 +1011,8 @@ def run_dataset(cfg: Config, storage: Optional[Storage] = None) -> dict:
 
 def load_split_table(storage: Storage, run: str, domain: str, split: str) -> pa.Table:
     """The stored table of one split (columns as in :data:`SCHEMA`)."""
-    readable = (*DOMAINS, *(d for d in ("adversarial",) if d not in DOMAINS))  # adversarial: hostile images, test only
-    if domain not in readable:
-        raise ConfigError(f"domain {domain!r} is unknown; choose one of {', '.join(readable)}")
+    if domain not in DOMAINS:
+        raise ConfigError(f"domain {domain!r} is unknown; choose one of {', '.join(DOMAINS)}")
     if split not in SPLITS:
         raise ConfigError(f"split {split!r} is unknown; choose one of {', '.join(SPLITS)}")
     key = Layout(run).dataset_split(domain, split)

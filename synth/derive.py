@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from synth.config import Config, ConfigError, DeriveConfig, GenerateConfig, derive_enabled, class_slug
+from synth.config import HOSTILE, Config, ConfigError, DeriveConfig, GenerateConfig, derive_enabled, class_slug
 from synth.images import GeneratedImages, decode_png, encode_png
 from synth.imagejob import ImageJob, cut_shards, import_class, run_image_job
 from synth.progress import plural, say
@@ -248,7 +248,7 @@ def generated_parents(cfg: Config, storage: Storage) -> ParentScan:
     rows = [
         r
         for r in manifest.select(["id", "class_name", "prompt", "shard", "technique"]).to_pylist()
-        if class_slug(r["class_name"]) in ours and r["technique"] != "hostile"
+        if class_slug(r["class_name"]) in ours and r["technique"] != HOSTILE
     ]
     # The seeded choice first, so only the chosen parents' images are read.
     chosen = _chosen_ids(_ids_by_class(rows), cfg)

@@ -48,6 +48,9 @@ from synth.storage import TRANSIENT_MARK, Layout, Storage, StorageError, parquet
 
 MAX_PASSES = 3  # passes over missing or bad shards before the job gives up
 WRITTEN, PRESENT, BAD = "written", "present", "bad"  # what write_shards found for each shard
+# The stages whose manifests and shards hold a run's synthetic images: text-to-image, then images
+# made from parent images (read by curate, dataset and export).
+IMAGE_STAGES = ("generate", "derive")
 
 
 class MakerSpec(Protocol):
@@ -211,12 +214,12 @@ def write_shards(
     }
 
 
-def _status_of_stored(storage: Storage, key: str, shard: int, plan: str, ids: list[str]) -> str:
+def _status_of_stored(storage: Storage, key: str, shard: int, plan: str, ids: list[str], columns: Sequence[str] = SHARD_COLUMNS) -> str:
     try:
         data = storage.read_bytes(key)
     except FileNotFoundError:
         return BAD  # gone again: the driver's next check makes it
-    return PRESENT if check_shard(data, shard, plan, ids).ok else BAD
+    return PRESENT if check_shard(data, shard, plan, ids, columns).ok else BAD
 
 
 def shard_pool(todo: list[tuple[int, list[dict]]], actor, constructor_args: tuple, num_actors: int, num_gpus: Optional[float]):

@@ -23,12 +23,12 @@ REVIEW_PER_CLASS = 100  # the pipeline's review queue: enough for a first look, 
 def review_queue(cfg: Config, storage: Storage) -> dict:
     """After curate: the review queue (lowest CLIP scores first, near-duplicates skipped) for a person
     to look at; decisions recorded with ``ray_jobs.review ... decide`` reach the next dataset run."""
-    from synth.review import write_queue
+    from synth.review import DEFAULT_THRESHOLD, write_queue
 
     start = time.perf_counter()
     out = write_queue(storage, cfg.run, list(cfg.prompts.classes), order="diverse", per_class=REVIEW_PER_CLASS)
     say("review", f"{out['images']:,} images to review first -> {out['html']} (per class at most {REVIEW_PER_CLASS}, lowest CLIP "
-        "score first, skipping any within cosine 0.9 of one already queued); record decisions with: python -m ray_jobs.review "
+        f"score first, skipping any within cosine {DEFAULT_THRESHOLD} of one already queued); record decisions with: python -m ray_jobs.review "
         "<config> decide --reviewer NAME ID accept|reject|relabel CLASS")  # fmt: skip
     return {**out, "wall_seconds": round(time.perf_counter() - start, 3)}
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import pyarrow as pa
 
-from synth.config import PROMPT_TECHNIQUES, Config, PromptsConfig, class_slug
+from synth.config import HOSTILE, PROMPT_TECHNIQUES, Config, PromptsConfig, class_slug
 
 if TYPE_CHECKING:
     from synth.llm import LLMTexts
@@ -174,7 +174,7 @@ def build_prompt_table(cfg: Config, llm: Optional["LLMTexts"] = None) -> pa.Tabl
             add(image_id(class_name, index), class_name, label, index, prompt, derive_seed(cfg.run, class_name, index), technique, params)
         for k, (prompt, params) in enumerate(_hostile_prompts(p, cfg.run, class_name)):
             seed = derive_seed(cfg.run, class_name, f"hostile-{k}")  # a string context: never an index's seed
-            add(hostile_id(class_name, k), class_name, label, k, prompt, seed, "hostile", params)
+            add(hostile_id(class_name, k), class_name, label, k, prompt, seed, HOSTILE, params)
     return pa.table(columns, schema=SCHEMA)
 
 
@@ -241,7 +241,7 @@ def _write_prompt_summary(cfg: Config, storage, table: pa.Table, llm: Optional["
     layout = Layout(cfg.run)
     write_stage_config(storage, cfg, "prompts")
     techniques = Counter(table.column("technique").to_pylist())
-    order = [*PROMPT_TECHNIQUES, "hostile"]
+    order = [*PROMPT_TECHNIQUES, HOSTILE]
     shares = ", ".join(f"{techniques[t]:,} {t}" for t in order if techniques[t])
     llm_summary, llm_line = _llm_summary(cfg, storage, llm)
     say("prompts", f"{table.num_rows:,} prompts for {len(cfg.prompts.classes)} classes ({shares}){llm_line} -> {storage.uri(layout.prompts_table)}")
@@ -255,7 +255,7 @@ def _write_prompt_summary(cfg: Config, storage, table: pa.Table, llm: Optional["
             "per_class": cfg.prompts.per_class,
             "distinct_prompts": len(set(table.column("prompt").to_pylist())),
             "techniques": {t: techniques[t] for t in order if techniques[t]},
-            "hostile": techniques["hostile"],
+            "hostile": techniques[HOSTILE],
             "guidance_scale_range": cfg.prompts.guidance_scale_range,
             "llm": llm_summary,
             "table": storage.uri(layout.prompts_table),

@@ -46,7 +46,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from synth.config import Config, class_slug
+from synth.config import HOSTILE, Config, class_slug
+from synth.curate import embeddings as curate_embeddings
 from synth.curate import read_scores, scores_key
 from synth.storage import Layout, Storage
 
@@ -149,19 +150,6 @@ def order_diverse(
     return queued
 
 
-def _embeddings(scores: pa.Table) -> np.ndarray:
-    """(N, D) float32 from the ``embedding`` list column."""
-    column = scores.column("embedding").combine_chunks()
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    n = scores.num_rows
-    if n == 0:
-        return np.zeros((0, 0), np.float32)
-    lengths = set(column.value_lengths().to_pylist())
-    if len(lengths) != 1 or values.size != n * next(iter(lengths)):
-        raise ReviewError("the embedding column of curate/scores.parquet has rows of different lengths. Fix: rerun the curate stage")
-    return values.reshape(n, -1)
-
-
 def _check_options(order: str, per_class: Optional[int], threshold: float) -> None:
     if order not in ORDERS:
         raise ReviewError(f"unknown queue order {order!r}. Fix: choose one of {', '.join(ORDERS)}")
@@ -205,12 +193,12 @@ def build_queue(
     ids = scores.column("id").to_pylist()
     rank = scores.column("rank").to_numpy()
     entropy = scores.column("entropy").to_numpy(zero_copy_only=False)
-    embeddings = _embeddings(scores) if order == "diverse" else None
+    embeddings = curate_embeddings(scores.column("embedding")) if order == "diverse" else None
     techniques = scores.column("technique").to_pylist()
     by_class: dict[str, list[int]] = defaultdict(list)
     for i, (image_id, name, technique) in enumerate(zip(ids, names, techniques)):
         # Hostile examples imitate the class without being it: nothing to accept or reject for it.
-        if image_id not in skip and technique != "hostile":
+        if image_id not in skip and technique != HOSTILE:
             by_class[name].append(i)
 
     picked: list[int] = []

@@ -35,7 +35,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from synth.config import SYNTHETIC_SOURCES, TUNE_MODES
+from synth.config import ADVERSARIAL, TUNE_MODES, choose_synthetic_source
 from synth.storage import Layout, Storage
 
 MIX_SALT = 0x5EED  # keeps the draw of a mix apart from the training randomness of the same seed
@@ -43,7 +43,7 @@ MIX_SALT = 0x5EED  # keeps the draw of a mix apart from the training randomness 
 # are drawn by mix(); its test set is the union).
 UNIONS = {"mixture": ("real", "synthetic")}
 # Test domains that a run may lack (no hostile images made): listed but absent -> skipped with a warning.
-OPTIONAL_TEST_DOMAINS = ("adversarial",)
+OPTIONAL_TEST_DOMAINS = (ADVERSARIAL,)
 ABLATION_SALT = 0xAB1A  # keeps an ablation cell's draw apart from mix()'s draw of the same seed
 
 log = logging.getLogger(__name__)
@@ -99,16 +99,14 @@ def concat(*splits: Split) -> Split:
 
 
 def read_split(
-    storage: Storage, run: str, domain: str, split: str, classes: list[str], accepted_only: bool = False,
-    images: bool = True,
+    storage: Storage, run: str, domain: str, split: str, classes: list[str], images: bool = True
 ) -> Split:  # fmt: skip
     """One stored split (``<run>/dataset/<domain>/<split>.parquet``) as arrays.
 
     The dataset stage has already dropped (and counted) undecodable images. This also checks that
     every row's ``class_name`` is ``classes[label]``: a mismatch means the dataset was built for
-    another class list, and training on it would be silently wrong. ``accepted_only`` keeps the
-    rows whose ``accepted`` is true (tables written before curation existed have none).
-    ``images=False`` skips decoding: ``images`` is then (N, 0, 0, 3), for planning which rows to use.
+    another class list, and training on it would be silently wrong (:meth:`Split.accepted_only`
+    keeps the curated rows). ``images=False`` skips decoding: ``images`` is then (N, 0, 0, 3), for planning which rows to use.
     """
     from synth.dataset import decode_images, load_split_table
     from synth.recipe import MIN_IMAGE_SIZE
@@ -123,9 +121,6 @@ def read_split(
             f"{where}: {len(bad)} rows have labels that do not match prompts.classes={classes} "
             f"(first: label {bad[0][0]}, class_name {bad[0][1]!r}). Fix: rebuild the dataset with this class list"
         )
-    if accepted_only:
-        keep = np.array([a is True for a in _accepted_column(table)], dtype=bool)
-        table, labels = table.filter(keep), labels[keep]
     if not images:
         return Split(
             np.zeros((len(labels), 0, 0, 3), np.uint8), labels, np.asarray(table.column("id").to_pylist(), dtype=object),
@@ -160,27 +155,33 @@ def resolve_synthetic_source(setting: str, storage: Storage, run: str) -> str:
     auto: curated when the synthetic train split holds any curate verdict, else all. curated
     without verdicts is an error naming the fix. Reads only the ``accepted`` column.
     """
-    if setting not in SYNTHETIC_SOURCES:
-        raise ValueError(f"dataset.synthetic_source={setting!r} is unknown; choose one of {', '.join(SYNTHETIC_SOURCES)}")
     if setting == "all":
         return "all"
     key = Layout(run).dataset_split("synthetic", "train")
     judged = False
     if storage.exists(key):
-        import io
-
         import pyarrow.parquet as pq
 
-        stored = pq.ParquetFile(io.BytesIO(storage.read_bytes(key)))
-        if "accepted" in stored.schema_arrow.names:  # read that column only, not the images
-            judged = stored.read(columns=["accepted"]).column("accepted").null_count < stored.metadata.num_rows
-    if setting == "curated" and not judged:
+        with storage.open_read(key) as f:  # the footer and that one column, not the images
+            stored = pq.ParquetFile(f)
+            if "accepted" in stored.schema_arrow.names:
+                judged = stored.read(columns=["accepted"]).column("accepted").null_count < stored.metadata.num_rows
+    source = choose_synthetic_source(setting, judged)
+    if source is None:
         raise ValueError(
             f"dataset.synthetic_source=curated, but {storage.uri(key)} holds no curate verdicts (its accepted column is "
             "empty or missing). Fix: run the curate stage and then the dataset stage (python -m ray_jobs.curate <config>; "
             "python -m ray_jobs.dataset <config>), or set dataset.synthetic_source=all"
         )
-    return "curated" if judged else "all"
+    return source
+
+
+def _num_rows(storage: Storage, key: str) -> int:
+    """Rows of a stored Parquet table, from its footer alone."""
+    import pyarrow.parquet as pq
+
+    with storage.open_read(key) as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 def present_test_domains(storage: Storage, run: str, test_domains: Iterable[str], stage: str = "train") -> list[str]:
@@ -191,7 +192,7 @@ def present_test_domains(storage: Storage, run: str, test_domains: Iterable[str]
     for d in test_domains:
         if d in OPTIONAL_TEST_DOMAINS:
             key = Layout(run).dataset_split(d, "test")
-            if not storage.exists(key) or storage.read_parquet(key, columns=["id"]).num_rows == 0:
+            if not storage.exists(key) or _num_rows(storage, key) == 0:
                 say(stage, f"warning: test domain {d!r} skipped: {storage.uri(key)} has no images "
                     "(make hostile examples with the prompts stage to measure the fooling rate)")  # fmt: skip
                 continue
@@ -267,6 +268,7 @@ class SplitCache:
     classes: list[str]
     splits: dict[str, Split] = field(default_factory=dict)  # "real/train", "synthetic/test", ...
     synthetic_source: str = "all"
+    curated: dict[str, Split] = field(default_factory=dict)  # the accepted rows of synthetic train / val
 
     def get(self, domain: str, split: str) -> Split:
         key = f"{domain}/{split}"
@@ -276,10 +278,12 @@ class SplitCache:
 
     def selected(self, domain: str, split: str) -> Split:
         """A split as training reads it: the synthetic train/val images curated when the source is curated."""
-        whole = self.get(domain, split)
         if domain == "synthetic" and split in ("train", "val") and self.synthetic_source == "curated":
-            return whole.accepted_only()
-        return whole
+            key = f"{domain}/{split}"  # made once, not per cell or trial
+            if key not in self.curated:
+                self.curated[key] = self.get(domain, split).accepted_only()
+            return self.curated[key]
+        return self.get(domain, split)
 
     def load(self, pairs: Iterable[tuple[str, str]]) -> "SplitCache":
         for domain, split in sorted(set(pairs)):

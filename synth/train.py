@@ -48,7 +48,7 @@ from typing import Optional
 
 import numpy as np
 
-from synth.config import TRAIN_TECHNIQUES, Config, TrainConfig, label_classes, to_dict
+from synth.config import HOSTILE, TRAIN_TECHNIQUES, Config, TrainConfig, label_classes, to_dict
 from synth.model import architecture, model_bytes
 from synth.progress import ProgressRelay, say
 from synth.recipe import STATE_FILE, Run, budget, result_hash
@@ -106,7 +106,7 @@ def ablation_pool(synthetic_train: Split, selection: str, source: str) -> Split:
     when it resolved to curated); the curation pair compares the accepted images with all of them.
     """
     # Hostile examples (the class "other" with dataset.hostile=other_class) are no technique of a class.
-    hostile = synthetic_train.techniques == "hostile"
+    hostile = synthetic_train.techniques == HOSTILE
     if hostile.any():  # a copy only where there are some
         synthetic_train = synthetic_train.take(np.flatnonzero(~hostile))
     if selection == "curated":
@@ -130,7 +130,7 @@ def plan_ablation(cfg: Config, catalog: Split, source: str) -> Optional[Ablation
         return None
     techniques: list[str] = []
     if a.techniques == ["all"]:
-        present = {str(t) for t in catalog.techniques} - {"", "hostile"}
+        present = {str(t) for t in catalog.techniques} - {"", HOSTILE}
         techniques = [t for t in TRAIN_TECHNIQUES if t in present] + sorted(present - set(TRAIN_TECHNIQUES))
         if not techniques:
             raise ValueError(

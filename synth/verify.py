@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from synth.config import Config, ConfigError
 from synth.progress import plural, say
+from synth.shards import MANIFEST_COLUMNS, SHARD_COLUMNS
 from synth.storage import Layout, Storage, quarantine
 
 MISSING, CORRUPT, FOREIGN, EXTRA = "missing", "corrupt", "foreign", "extra"
@@ -126,20 +127,17 @@ def check_derive(cfg: Config, storage: Storage) -> StageCheck:
 
 def check_curate(cfg: Config, storage: Storage) -> StageCheck:
     from synth.config import ConfigError
-    from synth.curate import SCORE_COLUMNS, SHARD_KEEP, candidate_rows, plan_for, scorer_class, scores_key
-    from synth.imagejob import cut_shards
+    from synth.curate import SCORE_COLUMNS, SHARD_KEEP, planned, scores_key
 
     layout = Layout(cfg.run)
     check = StageCheck("curate", ran=_image_job_started(storage, layout, "curate"))
     if not check.ran:
         return check
     try:
-        rows, plans = candidate_rows(cfg, storage)
+        shards, plan = planned(cfg, storage)
     except ConfigError as exc:
         check.findings.append(Finding(MISSING, layout.manifest("generate"), str(exc), repairable=False))
         return check
-    plan = plan_for(cfg, rows, plans, scorer_class(cfg.curate.scorer).model_name(cfg.curate))
-    shards = cut_shards(rows, cfg.curate.shard_size)
     check = _check_image_job(check, storage, layout, plan, shards, columns=SCORE_COLUMNS, keep=SHARD_KEEP)
     check.checked += 1
     try:
@@ -156,8 +154,9 @@ def _image_job_started(storage: Storage, layout: Layout, stage: str) -> bool:
 
 
 def _check_image_job(
-    check: StageCheck, storage: Storage, layout: Layout, plan: dict, shards: list[list[dict]], columns=None, keep=None
-) -> StageCheck:
+    check: StageCheck, storage: Storage, layout: Layout, plan: dict, shards: list[list[dict]],
+    columns: Sequence[str] = SHARD_COLUMNS, keep: Sequence[str] = MANIFEST_COLUMNS,
+) -> StageCheck:  # fmt: skip
     """Plan, shards and manifest of one shard job (generate, derive, curate) against the plan this config makes.
 
     ``columns`` / ``keep``: what a shard stores and what the manifest lists (image shards by default).
@@ -165,9 +164,7 @@ def _check_image_job(
     import pyarrow as pa
 
     from synth.imagejob import scan_shards
-    from synth.shards import MANIFEST_COLUMNS, SHARD_COLUMNS, plan_sha256
-
-    columns, keep = columns or SHARD_COLUMNS, keep or MANIFEST_COLUMNS
+    from synth.shards import plan_sha256
 
     stage = check.stage
     stored_plan = storage.read_json_or_none(layout.plan(stage))

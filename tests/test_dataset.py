@@ -20,11 +20,13 @@ from synth.dataset import (
     SPLITS, Item, carve_val, lineage_groups, load_split, load_split_table, run_dataset, seeded_order, split_groups,
     synthetic_split_sizes, val_size,
 )  # fmt: skip
+from synth.curate import scores_key
 from synth.generate import model_name, plan_for, shard_rows
 from synth.imagejob import build_manifest, claim_plan, cut_shards, scan_shards
 from synth.images import encode_png
 from synth.shards import META_PLAN, plan_sha256, shard_table
 from synth.prompts import build_prompt_table
+from synth.review import decisions_prefix
 from synth.storage import Layout, Storage
 from synth.testkit import ClassAwareTestGenerator, class_pattern_image, write_cifar10_fixture, write_image_folder_fixture
 
@@ -362,7 +364,7 @@ def test_dataset_imports_no_later_stage():
     # Data flows generate -> dataset through storage; the code must not flow back through imports.
     assert synth_imports(REPO / "synth" / "dataset.py") <= {
         "synth.config", "synth.images", "synth.progress", "synth.storage", "synth.runtime", "synth.shards",
-        "synth.review",  # the curate verdicts and review decisions (earlier stages) it applies
+        "synth.review", "synth.curate", "synth.imagejob",  # the image stages, the curate verdicts and review decisions (earlier stages) it applies
     }  # fmt: skip
 
 
@@ -680,13 +682,13 @@ def write_scores(storage: Storage, verdicts: dict[str, bool]) -> None:
             "reason": ["" if verdicts[i] else "similarity" for i in ids],
         }
     )
-    storage.write_parquet(f"{Layout(RUN).stage('curate')}/scores.parquet", table)
+    storage.write_parquet(scores_key(RUN), table)
 
 
 def write_decisions(storage: Storage, name: str, decisions: list[dict], minute: int = 0) -> None:
     lines = [{"reviewer": "ana", "time": f"2026-11-29T05:{minute:02d}:0{n}Z", **d} for n, d in enumerate(decisions)]
     data = "".join(json.dumps(line) + "\n" for line in lines).encode()
-    storage.write_bytes(f"{Layout(RUN).stage('curate')}/decisions/{name}.jsonl", data)
+    storage.write_bytes(f"{decisions_prefix(RUN)}/{name}.jsonl", data)
 
 
 def hostile_run(storage: Storage) -> list[dict]:

@@ -403,7 +403,7 @@ def test_read_split_techniques_accepted_and_source_resolution(tmp_path):
     write_dataset(storage, "r", classes)
     old = read_split(storage, "r", "synthetic", "train", classes)  # a table from before curation
     assert set(old.techniques) == {""} and set(old.accepted) == {None} and not old.judged()
-    assert len(read_split(storage, "r", "synthetic", "train", classes, accepted_only=True)) == 0
+    assert len(read_split(storage, "r", "synthetic", "train", classes).accepted_only()) == 0
     assert resolve_synthetic_source("auto", storage, "r") == "all" and resolve_synthetic_source("all", storage, "r") == "all"
     with pytest.raises(ValueError, match="Fix: run the curate stage .*or set dataset.synthetic_source=all"):
         resolve_synthetic_source("curated", storage, "r")
@@ -411,7 +411,7 @@ def test_read_split_techniques_accepted_and_source_resolution(tmp_path):
     tag_synthetic(storage, "r", lambda y, i: None if i == 0 else i % 3 == 0)
     split = read_split(storage, "r", "synthetic", "train", classes)
     assert split.images.shape == (64, 32, 32, 3) and set(split.techniques) == {"vanilla", "domain"} and split.judged()
-    kept = read_split(storage, "r", "synthetic", "train", classes, accepted_only=True)
+    kept = read_split(storage, "r", "synthetic", "train", classes).accepted_only()
     expected = [i for i, a in zip(split.ids, split.accepted) if a is True]
     assert list(kept.ids) == expected == list(split.accepted_only().ids) and len(kept) == 2 * 10
     assert resolve_synthetic_source("auto", storage, "r") == resolve_synthetic_source("curated", storage, "r") == "curated"
@@ -501,7 +501,9 @@ def test_filter_keeping_one_class_changes_the_model(root, ray_cluster):
     spread = np.array(everything["test"]["real"]["confusion_matrix"]).sum(axis=0)
     assert spread[0] < 0.5 * spread.sum() and everything["test"]["real"]["accuracy"] > 0.8
     # The fooling rate is the accuracy on hostile images, stored like any test domain.
-    assert everything["test"]["adversarial"]["n"] == 6 * 8 and 0 <= curated["test"]["adversarial"]["accuracy"] <= 1
+    # The one-class model calls nearly every hostile image class 0, so it is fooled by at most class 0's share.
+    assert everything["test"]["adversarial"]["n"] == curated["test"]["adversarial"]["n"] == 6 * 8
+    assert curated["test"]["adversarial"]["accuracy"] < 0.5
 
 
 def test_ablation_cells_leave_out_the_other_class(tmp_path):

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from synth.config import ADVERSARIAL
 from synth.records import TrainMetrics, is_fraction
 from synth.stats import seed_stat
 
@@ -237,7 +238,7 @@ def training_runs(metrics_list: Sequence[dict]) -> dict:
 # What each technique buys: the ablation cells, the fooling rate, diversity
 # --------------------------------------------------------------------------------------------
 
-FOOLING_DOMAIN = "adversarial"  # hostile images: a model's accuracy there is its fooling rate
+FOOLING_DOMAIN = ADVERSARIAL  # hostile images: a model's accuracy there is its fooling rate
 FOOLING_NOTE = (
     "Fooling rate: the share of hostile images (the look of a class on the wrong object, e.g. a "
     "dalmatian-patterned car) that a model assigns to the class they imitate; it is the accuracy on the "
