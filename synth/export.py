@@ -512,7 +512,8 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def dataset_card(cfg: Config, storage: Storage, parts: list[Part], classes: list[str], sizes: dict[str, int]) -> str:
+def dataset_card(cfg: Config, storage: Storage, parts: list[Part], classes: list[str], sizes: dict[str, int],
+                 per_class: dict[str, dict[str, int]]) -> str:
     """``README.md`` of the Hugging Face export: YAML metadata and how the set was made."""
     import yaml
 
@@ -613,8 +614,8 @@ def dataset_card(cfg: Config, storage: Storage, parts: list[Part], classes: list
     techniques = sorted({t for p in parts for t in p.techniques})
     out += ["", "## Splits and counts", "", "Images per class and split (these counts are the files' own):", ""]
     rows = []
-    for label, name in enumerate(classes):
-        rows.append([name] + [sum(1 for y in p.labels if y == label) for p in parts])
+    for name in classes:
+        rows.append([name] + [per_class[p.name][name] for p in parts])
     rows.append(["**total**"] + [len(p.ids) for p in parts])
     out.append(_table(["class"] + [p.name for p in parts], rows))
     if len(techniques) > 1 or techniques != [""]:
@@ -715,10 +716,10 @@ def run_export(cfg: Config, storage: Optional[Storage] = None, after_unit: Optio
         for key in empty_folders:
             dest.write_bytes(key, b"")
         dest.write_json(CLASSES_KEY, {"classes": classes, "class_to_idx": {f: i for i, f in enumerate(folders)}})
-    if "huggingface" in formats:
-        dest.write_text(CARD_KEY, dataset_card(cfg, storage, parts, classes, sizes))
-
     per_class = {p.name: {c: sum(1 for y in p.labels if y == i) for i, c in enumerate(classes)} for p in parts}
+    if "huggingface" in formats:
+        dest.write_text(CARD_KEY, dataset_card(cfg, storage, parts, classes, sizes, per_class))
+
     summary = {
         "dest": dest.uri(),
         "formats": formats,

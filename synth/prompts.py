@@ -113,7 +113,7 @@ def _class_prompts(cfg: PromptsConfig, run: str, class_name: str, llm_texts: lis
     hard = _cycle(rng, list(itertools.product(cfg.hard_templates, cfg.styles)))
     vanilla = _cycle(rng, cfg.vanilla_templates)
     domains = _cycle(rng, cfg.domains)
-    llm = iter(itertools.cycle(llm_texts)) if llm_texts else None
+    llm = itertools.cycle(llm_texts) if llm_texts else None
     out: list[tuple[str, str, dict]] = []
     for technique in technique_order(cfg):
         if technique == "llm" and llm is None:
@@ -182,13 +182,13 @@ def llm_wanted(cfg: Config) -> bool:
     return cfg.prompts.techniques.llm > 0
 
 
-def expected_prompt_table(cfg: Config, storage, source=None) -> tuple[pa.Table, Optional["LLMTexts"]]:
+def expected_prompt_table(cfg: Config, storage) -> tuple[pa.Table, Optional["LLMTexts"]]:
     """The prompt table ``cfg`` builds, with its LLM texts: read from the run's cache or written now."""
     llm = None
     if llm_wanted(cfg):
         from synth.llm import ensure_llm_texts
 
-        llm = ensure_llm_texts(cfg, storage, source=source)
+        llm = ensure_llm_texts(cfg, storage)
     return build_prompt_table(cfg, llm), llm
 
 

@@ -739,7 +739,6 @@ def tag_dataset_split(storage, run: str, domain: str, split: str, techniques, ac
     storage.write_parquet(key, table)
 
 
-
 # -- tiny random causal language model ------------------------------------------------------
 
 # Single characters only: whatever the random model samples decodes to one-letter "words" and
@@ -792,30 +791,25 @@ USAGE = """usage:
 """
 
 
+# The `tiny-<model> <folder>` commands: the builder and what the line it prints says was written.
+BUILDERS = {
+    "tiny-sd": (build_tiny_random_sd_pipeline, "tiny random-weight Stable Diffusion pipeline"),
+    "tiny-sd-inpaint": (build_tiny_random_sd_inpaint_pipeline, "tiny random-weight Stable Diffusion inpainting pipeline"),
+    "tiny-unclip": (build_tiny_random_unclip, "tiny random-weight UnCLIP pipeline"),
+    "tiny-clip": (build_tiny_random_clip, "tiny random-weight CLIP"),
+    "tiny-llm": (build_tiny_random_llm, "tiny random-weight causal language model"),
+}
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) == 2 and argv[0] == "tiny-sd":
-        folder = build_tiny_random_sd_pipeline(argv[1])
-        print(f"tiny random-weight Stable Diffusion pipeline written to {folder}")
-        return 0
-    if len(argv) == 2 and argv[0] == "tiny-sd-inpaint":
-        folder = build_tiny_random_sd_inpaint_pipeline(argv[1])
-        print(f"tiny random-weight Stable Diffusion inpainting pipeline written to {folder}")
+    if len(argv) == 2 and argv[0] in BUILDERS:
+        build, what = BUILDERS[argv[0]]
+        folder = build(argv[1])
+        print(f"{what} written to {folder}")
         return 0
     if len(argv) == 2 and argv[0] == "tiny-kandinsky":
         prior, decoder = build_tiny_random_kandinsky(argv[1])
         print(f"tiny random-weight Kandinsky 2.2 prior written to {prior}, its decoder to {decoder}")
-        return 0
-    if len(argv) == 2 and argv[0] == "tiny-unclip":
-        folder = build_tiny_random_unclip(argv[1])
-        print(f"tiny random-weight UnCLIP pipeline written to {folder}")
-        return 0
-    if len(argv) == 2 and argv[0] == "tiny-clip":
-        folder = build_tiny_random_clip(argv[1])
-        print(f"tiny random-weight CLIP written to {folder}")
-        return 0
-    if len(argv) == 2 and argv[0] == "tiny-llm":
-        folder = build_tiny_random_llm(argv[1])
-        print(f"tiny random-weight causal language model written to {folder}")
         return 0
     if len(argv) >= 3 and argv[0] == "photo-folder":
         folder = write_image_folder_fixture(argv[1], argv[2:], per_class=6, splits=("train",), size=64)

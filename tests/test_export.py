@@ -27,7 +27,7 @@ def make_run(storage: Storage, run: str = "exp") -> None:
     write_class_aware_dataset(storage, run, CLASSES, PER_CLASS)
     for split in SPLITS:
         n = PER_CLASS[split] * len(CLASSES)
-        tag_dataset_split(storage, run, "synthetic", split, [("template", "variation")[i % 2] for i in range(n)],
+        tag_dataset_split(storage, run, "synthetic", split, [("environment", "variation")[i % 2] for i in range(n)],
                           [i % 3 != 0 for i in range(n)])  # fmt: skip
     images = np.stack([class_pattern_image(y, 900 + i, 32) for i, y in enumerate([0, 0, 1])])
     write_dataset_split(storage, run, "adversarial", "test", images, [0, 0, 1], CLASSES)
@@ -299,7 +299,7 @@ def test_the_card_says_how_the_set_was_made(tmp_path):
                                               "guidance_scale": 0.0, "width": 512, "height": 512, "image_size": 32,
                                               "dtype": "bfloat16", "images": 60})  # fmt: skip
     storage.write_json(layout.plan("derive"), {"model": "stabilityai/sd-turbo", "generator": "diffusers", "images": 20})
-    storage.write_json(layout.summary("prompts"), {"rows": 60, "distinct_prompts": 58, "techniques": {"template": 45, "adversarial": 15}})
+    storage.write_json(layout.summary("prompts"), {"rows": 60, "distinct_prompts": 58, "techniques": {"environment": 45, "hard": 15}})
     storage.write_json(layout.summary("curate"), {"model": "openai/clip-vit-base-patch32", "prompt": "a photo of a {cls}", "scored": 80,
                                                   "accepted": 61, "rules": {"min_similarity": 0.2, "top_per_class": None},
                                                   "rejected_by": {"similarity": 19, "dedup": 0}})  # fmt: skip
@@ -309,7 +309,7 @@ def test_the_card_says_how_the_set_was_made(tmp_path):
     run_export(config(storage.root, f"export.dest={dest}", "export.formats=[huggingface]", "export.license=openrail++"))
     card = (dest / CARD_KEY).read_text()
     assert yaml.safe_load(card.split("---")[1])["license"] == "openrail++"
-    for needle in ("model `stabilityai/sd-turbo`", "**derive**", "template 45 (75%), adversarial 15 (25%)", "58 distinct",
+    for needle in ("model `stabilityai/sd-turbo`", "**derive**", "environment 45 (75%), hard 15 (25%)", "58 distinct",
                    "derive_seed", "dataset seed 3", '{"min_similarity": 0.2}', "61 of 80 accepted", '{"similarity": 19}',
-                   "4 review decisions applied (1 relabels)", "dataset built by `0.1.0+gabc`", "| template |", "| variation |"):
+                   "4 review decisions applied (1 relabels)", "dataset built by `0.1.0+gabc`", "| environment |", "| variation |"):
         assert needle in card, needle

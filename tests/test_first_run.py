@@ -21,7 +21,7 @@ import pytest
 
 from conftest import REPO
 
-STAGE_TAGS = ("[pipeline]", "[prompts]", "[generate]", "[derive]", "[dataset]", "[train]", "[tune]", "[report]")
+STAGE_TAGS = ("[pipeline]", "[prompts]", "[generate]", "[derive]", "[curate]", "[review]", "[dataset]", "[train]", "[tune]", "[report]")
 # Lines Ray prints from its internals when its output is not kept in its own logs.
 RAY_INTERNALS = re.compile(
     r"PlacementGroupCleaner|Failed to query Ray Train Controller|Checkpoint successfully created|Reporting training result"

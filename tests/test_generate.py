@@ -238,7 +238,6 @@ def test_bad_generator_path_fails_before_anything_is_written(tmp_path):
     assert not [p for p in tmp_path.rglob("*") if p.is_file()], "nothing written for a run that cannot start"
 
 
-
 class NoGuidanceGenerator:
     """A generator without per-image guidance (no guidance_scales argument)."""
 

@@ -10,7 +10,6 @@ import pytest
 from synth.config import ConfigError, LLMConfig, load_config
 from synth.llm import (
     CLIP_TOKENS,
-    LLMTexts,
     clean_line,
     collect_texts,
     ensure_llm_texts,
@@ -240,7 +239,3 @@ def test_tiny_llm_cli(tmp_path):
 
     assert main(["tiny-llm", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "config.json").is_file() and (tmp_path / "m" / "tokenizer.json").is_file()
-
-
-def test_llm_texts_default_is_empty():
-    assert LLMTexts(texts={}).accepted == 0

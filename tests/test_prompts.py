@@ -3,7 +3,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from synth.config import PROMPT_TECHNIQUES, TECHNIQUES, TRAIN_TECHNIQUES, ConfigError, load_config
+from synth.config import TECHNIQUES, TRAIN_TECHNIQUES, ConfigError, load_config
 from synth.llm import LLMTexts
 from synth.prompts import SCHEMA, build_prompt_table, derive_seed, image_id, run_prompts, technique_counts, technique_order
 
@@ -137,7 +137,6 @@ def test_zero_shares_and_empty_lists_are_fine_when_unused():
                              "prompts.hostile_objects=[]", "prompts.per_class=5"])  # fmt: skip
     assert build_prompt_table(cfg).num_rows == 30
     assert set(TECHNIQUES) == {*TRAIN_TECHNIQUES, "hostile"} and "hostile" not in TRAIN_TECHNIQUES
-    assert PROMPT_TECHNIQUES == ("vanilla", "environment", "domain", "hard", "llm")
 
 
 def test_prompts_stage_summary_and_line(tmp_path, capsys):
