@@ -320,13 +320,8 @@ def _ids_by_class(rows: Sequence[dict]) -> dict[str, list[str]]:
 def claim_parents(storage: Storage, layout: Layout, table: pa.Table, data: bytes) -> None:
     """Store the parent table (``data``: its Parquet bytes) once, atomically; a stored one must be the same."""
     key = layout.derive_parents
-    if storage.create(key, data):
-        return
-    try:
-        same = storage.read_parquet(key).equals(table)
-    except (pa.ArrowException, OSError):
-        same = False
-    if not same:
+    stored, same = storage.claim_table(key, table, data)
+    if not stored and not same:  # another table, or an unreadable one
         raise ConfigError(
             f"run {layout.run!r} already derived images from other parents ({storage.uri(key)} differs from the parents "
             f"found now). Fix: choose a new run name (run=...) or delete {storage.uri(layout.stage('derive'))}"

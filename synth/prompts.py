@@ -209,18 +209,17 @@ def _claim_prompt_table(cfg: Config, storage, expected: pa.Table) -> bool:
     A stored table must be the same one: images, plan and manifest of the run all refer to it,
     so a table built from another prompts config is refused, never overwritten.
     """
-    from synth.storage import Layout, parquet_bytes
+    from synth.storage import Layout
 
     key = Layout(cfg.run).prompts_table
-    if storage.create(key, parquet_bytes(expected)):
+    stored, same = storage.claim_table(key, expected)
+    if stored:
         return True
-    try:
-        same = storage.read_parquet(key).equals(expected)
-    except (pa.ArrowException, OSError):
+    if same is None:
         raise ValueError(
             f"the stored prompt table {storage.uri(key)} is unreadable. Fix: delete it and rerun (it is rebuilt "
             "from the config; the generate stage checks it against the plan its images were made under)"
-        ) from None
+        )
     if not same:
         raise ValueError(
             f"the stored prompt table {storage.uri(key)} was built from a different prompts "

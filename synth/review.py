@@ -482,8 +482,11 @@ class CurationState:
     decisions: int = 0  # effective decisions applied (on ids that are scored)
 
 
-def curation_state(storage: Storage, run: str, classes: Sequence[str]) -> Optional[CurationState]:
-    """The accepted set after review (None when the curate stage has not run).
+def curation_state(
+    storage: Storage, run: str, classes: Sequence[str], decisions: Optional[Sequence[Decision]] = None
+) -> Optional[CurationState]:
+    """The accepted set after review (None when the curate stage has not run); ``decisions``: the
+    log as :func:`read_decisions` returns it, when the caller has read it already.
 
     accept -> True, reject -> False, relabel -> True with the new class; the latest decision per
     id wins. Decisions on ids the scores no longer hold (the curate stage was rerun on other
@@ -495,7 +498,7 @@ def curation_state(storage: Storage, run: str, classes: Sequence[str]) -> Option
     accepted = dict(zip(scores.column("id").to_pylist(), scores.column("accepted").to_pylist()))
     state = CurationState(accepted={k: bool(v) for k, v in accepted.items()})
     stale = 0
-    for image_id, d in effective_decisions(read_decisions(storage, run)).items():
+    for image_id, d in effective_decisions(read_decisions(storage, run) if decisions is None else decisions).items():
         if image_id not in state.accepted:
             stale += 1
             continue
@@ -695,8 +698,9 @@ def run_log(cfg: Config) -> dict:
     """``review log``: the effective decisions (the latest per id) and what they make of the accepted set."""
     storage = Storage.from_config(cfg.storage)
     classes = list(cfg.prompts.classes)
-    latest = effective_decisions(read_decisions(storage, cfg.run))
-    state = curation_state(storage, cfg.run, classes)
+    decisions = read_decisions(storage, cfg.run)
+    latest = effective_decisions(decisions)
+    state = curation_state(storage, cfg.run, classes, decisions)
     return {
         "effective": [latest[k] for k in sorted(latest, key=lambda k: latest[k].sort_key())],
         "accepted": sum(state.accepted.values()) if state else None,

@@ -429,6 +429,17 @@ class Storage:
     def read_parquet(self, key: str, columns: Optional[list[str]] = None) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
 
+    def claim_table(self, key: str, table: pa.Table, data: Optional[bytes] = None) -> tuple[bool, Optional[bool]]:
+        """Store ``table`` (``data``: its Parquet bytes, if made already) at ``key`` unless something is
+        there (see :meth:`create`): ``(True, None)`` when this call stored it, else ``(False, same)``
+        with ``same`` whether the stored table equals it, None when the stored one is unreadable."""
+        if self.create(key, parquet_bytes(table) if data is None else data):
+            return True, None
+        try:
+            return False, self.read_parquet(key).equals(table)
+        except (pa.ArrowException, OSError):
+            return False, None
+
 
 class _S3RangeFile(io.RawIOBase):
     """A read-only, seekable view of one S3 object; each read is one ranged GET (retried like every call)."""

@@ -80,6 +80,12 @@ def run_report(cfg: Config, storage: Storage | None = None) -> dict:
     # 1. Read and aggregate; fail before writing anything if there is nothing to report.
     inputs = load_inputs(storage, cfg.run)
     agg = aggregate(inputs.metrics)
+    # What each technique buys, the fooling rates and diversity: computed once, for plots, text and report.json.
+    agg.update(
+        ablation=ablation_numbers(inputs.metrics),
+        fooling_rate=fooling_rates(inputs.metrics),
+        diversity=diversity_numbers(inputs.summaries.get("curate")),
+    )
     notes = report_notes(agg, inputs)
 
     # 2. Plots, as PNG bytes keyed by file name.
@@ -103,9 +109,6 @@ def run_report(cfg: Config, storage: Storage | None = None) -> dict:
         "notes": notes,
         "inputs": {"metrics": inputs.metrics_keys, "skipped": inputs.skipped},
         "tune": inputs.tune,
-        "ablation": ablation_numbers(inputs.metrics),
-        "fooling_rate": fooling_rates(inputs.metrics),
-        "diversity": diversity_numbers(inputs.summaries.get("curate")),
         "plots": sorted(plots),
     }
 

@@ -16,10 +16,7 @@ from synth.report.inputs import PROVENANCE_STAGES, SAMPLES_PER_CLASS, SPLITS, In
 from synth.report.numbers import (
     DOMAINS,
     FOOLING_NOTE,
-    ablation_numbers,
-    diversity_numbers,
     flatten_summary,
-    fooling_rates,
     gap_sentence,
     mixture_sentence,
     ordered_domains,
@@ -43,10 +40,10 @@ def build_blocks(run: str, agg: dict, inputs: Inputs, plots: dict[str, bytes], n
     blocks = headline_blocks(agg, plots, notes)
     if inputs.tune:
         blocks += tune_blocks(inputs.tune, plots)
-    blocks += ablation_blocks(inputs, plots)
-    blocks += fooling_blocks(inputs)
+    blocks += ablation_blocks(agg, plots)
+    blocks += fooling_blocks(agg)
     blocks += curation_blocks(inputs)
-    blocks += diversity_blocks(inputs)
+    blocks += diversity_blocks(agg)
     blocks += training_blocks(agg, inputs, plots)
     blocks += confusion_blocks(agg, plots)
     blocks += per_class_blocks(agg)
@@ -115,9 +112,9 @@ def tune_blocks(tune: dict, plots: dict[str, bytes]) -> list:
     return blocks
 
 
-def ablation_blocks(inputs: Inputs, plots: dict[str, bytes]) -> list:
+def ablation_blocks(agg: dict, plots: dict[str, bytes]) -> list:
     """What each technique buys: per technique and with / without the CLIP filter, at equal images per class."""
-    ablation = ablation_numbers(inputs.metrics)
+    ablation = agg["ablation"]
     if not ablation:
         return []
     per_class = ", ".join(map(str, ablation["images_per_class"])) or "?"
@@ -152,9 +149,9 @@ def ablation_blocks(inputs: Inputs, plots: dict[str, bytes]) -> list:
     return blocks
 
 
-def fooling_blocks(inputs: Inputs) -> list:
+def fooling_blocks(agg: dict) -> list:
     """The fooling rate on hostile examples of every trained model; only when some model was tested on them."""
-    rates = fooling_rates(inputs.metrics)
+    rates = agg["fooling_rate"]
     if not rates:
         return []
     return [
@@ -212,9 +209,9 @@ def curation_blocks(inputs: Inputs) -> list:
     ]
 
 
-def diversity_blocks(inputs: Inputs) -> list:
+def diversity_blocks(agg: dict) -> list:
     """Diversity of the synthetic images (the curate stage's CLIP-embedding distances); only when curate wrote it."""
-    diversity = diversity_numbers(inputs.summaries.get("curate"))
+    diversity = agg["diversity"]
     if not diversity:
         return []
     blocks: list = [

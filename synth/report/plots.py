@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from synth.config import class_slug
 from synth.report.inputs import SAMPLES_PER_CLASS, Inputs
-from synth.report.numbers import DOMAINS, ablation_numbers, is_ablation, ordered_domains, pct
+from synth.report.numbers import DOMAINS, is_ablation, ordered_domains, pct
 
 DOMAIN_COLOURS = {"real": "#1f77b4", "synthetic": "#d62728", "mixture": "#2ca02c"}
 # Sample images are upscaled (nearest neighbour, so pixels stay sharp) to about this many pixels.
@@ -57,9 +57,8 @@ def draw_plots(agg: dict, inputs: Inputs) -> dict[str, bytes]:
             plots[confusion_plot_name(train, test)] = plot_confusion(cm, agg["classes"], title)
     if inputs.tune:
         plots[TUNE_PLOT] = plot_tune_curve(inputs.tune)
-    ablation = ablation_numbers(inputs.metrics)
-    if ablation:
-        plots[ABLATION_PLOT] = plot_ablation(ablation)
+    if agg["ablation"]:
+        plots[ABLATION_PLOT] = plot_ablation(agg["ablation"])
     for domain, s in inputs.samples.items():
         if any(s["images"]):
             title = f"{domain} images ({s['split']} split)"
