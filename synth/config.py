@@ -462,6 +462,23 @@ class ExportConfig:
 
 
 @dataclass
+class WebConfig:
+    """The Flask app (synth.web): limits that keep one server responsive and safe."""
+
+    # Generation requests waiting for the one generator (a full queue answers 503 + Retry-After).
+    queue_size: int = 4
+    # Seconds a generation request waits for its image before it is answered 503.
+    generate_timeout_s: float = 120.0
+    # Largest uploaded image file, in bytes (larger answers 413).
+    max_upload_bytes: int = 10 * 1024 * 1024
+    # Largest uploaded image, in pixels per side and in total (decompression bombs are refused).
+    max_image_side: int = 8192
+    max_image_pixels: int = 40_000_000
+    # Images per page when browsing a run's dataset or its review queue.
+    page_size: int = 48
+
+
+@dataclass
 class Config:
     run: str = "default"
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -474,6 +491,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -856,6 +874,7 @@ def validate(cfg: Config) -> None:
     )
     _validate_tune(cfg)
     _validate_export(cfg)
+    _validate_web(cfg.web)
 
 
 def _validate_prompt_mix(cfg: Config) -> None:
@@ -1206,6 +1225,15 @@ def _validate_tune(cfg: Config) -> None:
 
 EXPORT_FORMATS = ("imagefolder", "huggingface", "webdataset")
 EXPORT_CURATION = ("all", "accepted")
+
+
+def _validate_web(w: WebConfig) -> None:
+    _require(1 <= w.queue_size <= 1024, "web.queue_size", w.queue_size, "must be in [1, 1024]")
+    _require(0 < w.generate_timeout_s <= 3600, "web.generate_timeout_s", w.generate_timeout_s, "give (0, 3600] seconds")
+    _require(1024 <= w.max_upload_bytes <= 1 << 30, "web.max_upload_bytes", w.max_upload_bytes, "must be in [1024, 2**30]")
+    _require(32 <= w.max_image_side <= 65535, "web.max_image_side", w.max_image_side, "must be in [32, 65535]")
+    _require(1024 <= w.max_image_pixels <= 1 << 30, "web.max_image_pixels", w.max_image_pixels, "must be in [1024, 2**30]")
+    _require(1 <= w.page_size <= 500, "web.page_size", w.page_size, "must be in [1, 500]")
 
 
 def _validate_export(cfg: Config) -> None:

@@ -351,6 +351,30 @@ class Storage:
                     found.append((path.relative_to(root).as_posix(), path.stat().st_size))
         return found
 
+    def children(self, prefix: str) -> list[str]:
+        """The names one level below ``prefix`` (folders and objects alike), sorted; one listing
+        that never walks deeper, so a run's thousands of shards cost nothing to list runs."""
+        prefix = prefix.strip("/")
+        if self.is_s3:
+            base = self._s3_key(prefix) + "/" if self._s3_key(prefix) else ""
+
+            def listing() -> list[str]:
+                pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base, Delimiter="/")
+                names = []
+                for page in pages:
+                    names += [p["Prefix"][len(base) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+                    names += [o["Key"][len(base) :] for o in page.get("Contents", [])]
+                return names
+
+            try:
+                found = self._s3("list", prefix, listing)
+            except FileNotFoundError:
+                return []
+        else:
+            folder = self._path(prefix)
+            found = [entry.name for entry in os.scandir(folder)] if folder.is_dir() else []
+        return sorted(n for n in found if n and PARTIAL_MARK not in n)
+
     def delete(self, key: str) -> None:
         if self.is_s3:
             with contextlib.suppress(FileNotFoundError):

@@ -181,3 +181,37 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("fault campaign figures")
     for name, figures in _FAULT_FIGURES:
         terminalreporter.write_line(f"{name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+# --------------------------------------------------------------------------------------------
+# A finished run for the web app's tests (built once a session)
+# --------------------------------------------------------------------------------------------
+
+WEB_RUN = "webrun"
+
+
+@pytest.fixture(scope="session")
+def web_run(tmp_path_factory, ray_local):
+    """A small curated run through the real stages: class-aware images (so a label mix-up would
+    show), exact colour scores, a dataset, one trained model and its report. Returns its config."""
+    from synth.config import load_config
+    from synth.curate import run_curate
+    from synth.dataset import run_dataset
+    from synth.generate import run_generate
+    from synth.report import run_report
+    from synth.testkit import write_cifar10_fixture
+    from synth.train import run_train
+
+    root = tmp_path_factory.mktemp("web")
+    real = write_cifar10_fixture(root / "cifar", per_class_train=20, per_class_test=6)
+    cfg = load_config(
+        REPO / "configs" / "smoke.yaml",
+        [f"storage.root={root / 'runs'}", f"run={WEB_RUN}", f"dataset.real_path={real}", "prompts.per_class=16",
+         "prompts.hostile_per_class=2", "generate.generator=synth.testkit:ClassAwareTestGenerator",
+         "derive.variations.count=0", "derive.inpainting.count=0", "curate.scorer=synth.testkit:ColourTestScorer",
+         "curate.min_per_class=8", "dataset.synthetic_train_per_class=8", "dataset.synthetic_test_per_class=4",
+         "dataset.synthetic_source=all", "train.batch_size=16", "train.experiments=[synthetic]", "train.test_domains=[real,synthetic]"],
+    )  # fmt: skip
+    for stage in (run_generate, run_curate, run_dataset, run_train, run_report):
+        stage(cfg)
+    return cfg
