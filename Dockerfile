@@ -32,11 +32,14 @@ RUN apt-get update \
 
 WORKDIR /app
 # 1. Dependencies, from pyproject.toml alone (placeholder package and readme), so a code change
-#    rebuilds only the layers after the next COPY.
+#    rebuilds only the layers after the next COPY. The placeholders' build leftovers go: setuptools
+#    would keep its build/ copies, newer than the real files (whose times come from the build
+#    context), and put the empty placeholders in the code's wheel.
 COPY pyproject.toml ./
 COPY docker/install.sh docker/
 RUN mkdir -p synth ray_jobs && touch README.md synth/__init__.py ray_jobs/__init__.py \
-    && VENV=/opt/venv EXTRAS=web TORCH_INDEX_URL="$TORCH_INDEX_URL" docker/install.sh
+    && VENV=/opt/venv EXTRAS=web TORCH_INDEX_URL="$TORCH_INDEX_URL" docker/install.sh \
+    && rm -rf README.md synth ray_jobs build ./*.egg-info
 
 USER synth
 # 2. Optional: the default model at build time, where the Hub is reachable:

@@ -48,16 +48,18 @@ def ray_checked(config: dict) -> dict:
 
 
 def dockerfile() -> list[tuple[str, str]]:
-    """The Dockerfile's instructions as (KEYWORD, arguments), continuation lines joined, comments dropped."""
-    lines, current = [], ""
+    """The Dockerfile's instructions as (KEYWORD, arguments): continuation lines joined, comments dropped."""
+    instructions, pending = [], []
     for line in DOCKERFILE.read_text().splitlines():
-        if not current and (not line.strip() or line.lstrip().startswith("#")):
+        line = line.strip()
+        if not line or line.startswith("#"):
             continue
-        current += line.rstrip().removesuffix("\\") + " " if line.rstrip().endswith("\\") else line
-        if not line.rstrip().endswith("\\"):
-            lines.append(current)
-            current = ""
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip()) for line in lines]
+        pending.append(line.removesuffix("\\").strip())
+        if not line.endswith("\\"):
+            keyword, _, args = " ".join(pending).partition(" ")
+            instructions.append((keyword.upper(), args.strip()))
+            pending = []
+    return instructions
 
 
 def ray_start_commands(config: dict) -> list[tuple[str, dict, list[str]]]:
@@ -180,6 +182,8 @@ def test_dockerfile_installs_only_through_install_script():
     first_install = instructions.index(("RUN", installs[0]))
     copied = [args for keyword, args in instructions[:first_install] if keyword in ("COPY", "ADD")]
     assert copied == ["pyproject.toml ./", "docker/install.sh docker/"]
+    # The placeholders' build/ must go: setuptools would put its newer placeholder files in the code's wheel.
+    assert re.search(r"docker/install\.sh && rm -rf [^&]*\bbuild\b", installs[0]), installs[0]
     assert instructions.index(("COPY", ". .")) < instructions.index(("RUN", installs[1]))
 
 
