@@ -8,14 +8,11 @@ CIFAR_FIXTURE := .cache/data/cifar10-fixture
 
 .PHONY: setup smoke test bench clean
 
-$(PY):
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-
-# Installs the package with its test extras (torch 2.14.1 / torchvision 0.29.1 pinned in pyproject),
-# again only when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install -qq -e ".[test]"
+# Makes the venv and installs the package in place with its test extras (torch 2.14.1 /
+# torchvision 0.29.1 pinned in pyproject) through docker/install.sh, the script the Docker image
+# installs with; again only when pyproject.toml or the script changes.
+$(VENV)/.installed: pyproject.toml docker/install.sh
+	VENV=$(VENV) PYTHON=$(PYTHON) EXTRAS=test EDITABLE=1 docker/install.sh
 	@touch $@
 
 setup: $(VENV)/.installed
