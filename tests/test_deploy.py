@@ -17,6 +17,7 @@ import re
 import runpy
 import shlex
 import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -269,3 +270,22 @@ def test_make_and_ci_install_through_the_same_script(tmp_path):
     assert dry.returncode == 0, dry.stderr
     assert re.search(rf"^VENV={venv} PYTHON=\S+ EXTRAS=test EDITABLE=1 docker/install.sh$", dry.stdout, re.MULTILINE), dry.stdout
     assert "pip install" not in dry.stdout and "-m venv" not in dry.stdout, dry.stdout
+
+
+def test_the_wheel_carries_the_web_apps_pages(tmp_path):
+    """The image installs a wheel, not the checkout: the templates and scripts must be in it."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: setuptools builds in place and would leave build/ in the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("synth", "ray_jobs"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)],
+                   check=True, cwd=tmp_path, capture_output=True)  # fmt: skip
+    wheel = next(tmp_path.glob("synth-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    pages = {p.relative_to(REPO).as_posix() for p in (REPO / "synth" / "web").glob("*/*") if p.suffix in (".html", ".js", ".css")}
+    assert pages and pages <= names, sorted(pages - names)

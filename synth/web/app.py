@@ -38,7 +38,6 @@ from synth.web.service import WebError
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and small fields around the one uploaded file
 
 bp = Blueprint("web", __name__)
@@ -53,12 +52,12 @@ def create_app(config: "str | Path | Config | None" = None, overrides: Sequence[
     """The app for one config: its storage root holds the runs; its generate section is the generator.
 
     Without arguments (``flask --app synth.web run``, gunicorn) it reads ``SYNTH_CONFIG`` (a
-    preset, default ``configs/smoke.yaml`` of this checkout), ``SYNTH_OVERRIDES`` (``key=value``
+    preset, default ``configs/smoke.yaml`` in the working directory, as ``make smoke`` uses it), ``SYNTH_OVERRIDES`` (``key=value``
     words, shell-quoted) and ``SYNTH_SECRET_KEY`` (signs the session cookie that holds the CSRF
     token; a random one per process when unset).
     """
     if config is None:
-        config = os.environ.get("SYNTH_CONFIG") or str(REPO / "configs" / "smoke.yaml")
+        config = os.environ.get("SYNTH_CONFIG") or "configs/smoke.yaml"
         overrides = [*shlex.split(os.environ.get("SYNTH_OVERRIDES", "")), *overrides]
     cfg = config if isinstance(config, Config) else load_config(config, list(overrides))
     app = Flask(__name__)
