@@ -215,3 +215,32 @@ def web_run(tmp_path_factory, ray_local):
     for stage in (run_generate, run_curate, run_dataset, run_train, run_report):
         stage(cfg)
     return cfg
+
+
+def app_for(cfg, *overrides, **kwargs):
+    """The web app on the smoke preset with ``cfg``'s storage root (and ``overrides``), for tests."""
+    from synth.config import load_config
+    from synth.web import create_app
+
+    app = create_app(load_config(REPO / "configs" / "smoke.yaml", [f"storage.root={cfg.storage.root}", *overrides]), secret_key="test", **kwargs)
+    app.testing = True
+    return app
+
+
+def client_with_token(app):
+    """A test client holding a session and sending its CSRF token with every request."""
+    client = app.test_client()
+    token = client.get("/api/csrf").get_json()["csrf_token"]
+    client.environ_base["HTTP_X_CSRF_TOKEN"] = token
+    return client
+
+
+def png_bytes(array, fmt: str = "PNG") -> bytes:
+    """``array`` (H, W, 3) uint8 encoded by Pillow as ``fmt``."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()

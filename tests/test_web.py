@@ -14,30 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, WEB_RUN
-from synth.config import load_config
+from conftest import REPO, WEB_RUN, app_for, client_with_token, png_bytes
 from synth.storage import Layout, Storage
-
-
-def app_for(cfg, *overrides, **kwargs):
-    from synth.web import create_app
-
-    app = create_app(load_config(REPO / "configs" / "smoke.yaml", [f"storage.root={cfg.storage.root}", *overrides]), secret_key="test", **kwargs)
-    app.testing = True
-    return app
-
-
-def client_with_token(app):
-    client = app.test_client()
-    token = client.get("/api/csrf").get_json()["csrf_token"]
-    client.environ_base["HTTP_X_CSRF_TOKEN"] = token
-    return client
-
-
-def png_bytes(array: np.ndarray, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
