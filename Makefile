@@ -6,7 +6,7 @@ TINY_SD := .cache/models/tiny-sd
 TINY_CLIP := .cache/models/tiny-clip
 CIFAR_FIXTURE := .cache/data/cifar10-fixture
 
-.PHONY: setup smoke test bench clean
+.PHONY: setup smoke test web bench clean
 
 # Makes the venv and installs the package in place with its test extras (torch 2.14.1 /
 # torchvision 0.29.1 pinned in pyproject) through docker/install.sh, the script the Docker image
@@ -26,6 +26,10 @@ smoke: setup
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The web app on the smoke run's outputs (after `make smoke`): http://127.0.0.1:5000
+web: setup
+	SYNTH_CONFIG=configs/smoke.yaml $(VENV)/bin/flask --app synth.web run --port 5000
 
 bench: setup
 	$(PY) benchmarks/bench_generate.py --preset tiny --resolution 256 --images 192 --batch-size 16 --shard-size 32

@@ -340,3 +340,36 @@ def test_an_s3_root_serves_the_same_run(web_run, s3_server):
     assert len(q["items"]) == 3 and all(i["thumbnail"] for i in q["items"])
     r = client.post(f"/api/runs/{WEB_RUN}/review/decisions", json={"reviewer": "s3", "decisions": [{"id": q["items"][0]["id"], "decision": "reject"}]})
     assert r.status_code == 200 and remote.list(f"{WEB_RUN}/curate/decisions")
+
+
+def test_gunicorn_serves_the_app_as_the_image_does(web_run, tmp_path):
+    """The Docker image's command, with its gunicorn config, on this run's storage."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "SYNTH_CONFIG": str(REPO / "configs" / "smoke.yaml"),
+           "SYNTH_OVERRIDES": f"storage.root={web_run.storage.root}", "SYNTH_SECRET_KEY": "test"}  # fmt: skip
+    server = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", "docker/gunicorn.conf.py", "synth.web:create_app()"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline, runs = time.time() + 90, None
+        while time.time() < deadline and runs is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/runs", timeout=5) as r:
+                    runs = json.load(r)["runs"]
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.5)
+        assert runs is not None and WEB_RUN in [r["name"] for r in runs]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/runs/{WEB_RUN}/review", timeout=10) as r:
+            assert r.status == 200 and b"Review curation" in r.read()
+    finally:
+        server.terminate()
+        out, _ = server.communicate(timeout=30)
+    assert "GET /api/runs" in out, out[-2000:]  # the access log goes to stdout

@@ -217,11 +217,29 @@ def run_details(storage: Storage, run: str) -> dict:
         "name": run,
         "stages": stages,
         "summaries": summaries,
+        "highlights": {stage: highlights(summary) for stage, summary in summaries.items()},
         "splits": {d: s for d, s in splits.items() if s},
         "models": list_models(storage, run) if "train" in stages else [],
         "report": "report" in stages and storage.exists(report_key(run)),
         "review": "curate" in stages and storage.exists(f"{Layout(run).stage('curate')}/scores.parquet"),
     }
+
+
+HIDDEN_SUMMARY_KEYS = {"code_version", "run", "stage", "partial_writes_removed", "experiment"}
+
+
+def highlights(summary: Any, limit: int = 8) -> list[tuple[str, Any]]:
+    """What a person reads first in a stage summary: its counts, rates and sentences, not paths or bookkeeping."""
+    if not isinstance(summary, dict):
+        return []
+    out = []
+    for key, value in summary.items():
+        if key in HIDDEN_SUMMARY_KEYS or isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            continue
+        if isinstance(value, str) and (value.startswith(("/", "s3://")) or len(value) > 300):
+            continue
+        out.append((key, round(value, 3) if isinstance(value, float) else value))
+    return out[:limit]
 
 
 def stored_config(storage: Storage, run: str, stage: str) -> Optional[Any]:
