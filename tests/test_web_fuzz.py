@@ -411,6 +411,7 @@ def photos(cfg) -> list[np.ndarray]:
     return list(decode_images(load_split_table(Storage(cfg.storage.root), WEB_RUN, "real", "test"))[:8])
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # Pillow, on the campaign's garbage EXIF blocks
 def test_malformed_requests_get_a_clear_4xx_never_a_5xx(cfg, photos, fault_figures):
     from synth.web import create_app
 
