@@ -217,6 +217,16 @@ def web_run(tmp_path_factory, ray_local):
     return cfg
 
 
+def copy_of_run(cfg, dest):
+    """``cfg`` on a copy of its storage root at ``dest``, for a web test that writes (review
+    decisions, saved images): the session's ``web_run`` stays as the other modules expect it."""
+    import dataclasses
+    import shutil
+
+    shutil.copytree(cfg.storage.root, dest)
+    return dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, root=str(dest)))
+
+
 def app_for(cfg, *overrides, **kwargs):
     """The web app on the smoke preset with ``cfg``'s storage root (and ``overrides``), for tests."""
     from synth.config import load_config

@@ -106,7 +106,8 @@ def _check_csrf() -> None:
         return
     sent = request.headers.get("X-CSRF-Token") or (request.form.get("csrf_token") if request.mimetype == "multipart/form-data" or request.mimetype == "application/x-www-form-urlencoded" else None)
     expected = session.get("csrf")
-    if not sent or not expected or not hmac.compare_digest(str(sent), str(expected)):
+    # As bytes: compare_digest refuses str holding non-ASCII (a forged header or field may hold any).
+    if not sent or not expected or not hmac.compare_digest(str(sent).encode("utf-8", "replace"), str(expected).encode("utf-8", "replace")):
         raise WebError("missing or wrong CSRF token. Fix: reload the page (API clients: GET /api/csrf, then send its token as X-CSRF-Token with the same cookie)", 403)
 
 
@@ -215,7 +216,10 @@ def report_page(run: str):
 
 
 def _json_body() -> Any:
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # json.loads's limit on nesting; silent=True covers only ValueError
+        raise WebError("the JSON body is nested too deeply. Fix: send a flat JSON object") from None
     if body is None:
         if request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
             return request.form.to_dict()

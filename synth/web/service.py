@@ -30,6 +30,7 @@ import random
 import re
 import threading
 import time
+import unicodedata
 import uuid
 import warnings
 from collections import OrderedDict
@@ -48,7 +49,7 @@ from synth.storage import Layout, Storage, StorageError
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-SEED = re.compile(r"seed-(\d{1,9})")
+SEED = re.compile(r"seed-([0-9]{1,9})")  # not \d: that also matches other scripts' digits
 # Upload formats: Pillow's name -> the MIME type the browser sent or we answer with.
 IMAGE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 STAGE_FOLDERS = ("prompts", "generate", "derive", "curate", "dataset", "train", "tune", "report", "export", "web")
@@ -534,8 +535,9 @@ class Generation:
         if not isinstance(prompt, str) or not prompt.strip():
             raise WebError("the prompt is empty. Fix: type a prompt, or choose a class and a technique")
         prompt = " ".join(prompt.split())
-        if len(prompt) > MAX_PROMPT_CHARS or any(ord(c) < 32 for c in prompt):
-            raise WebError(f"the prompt is over {MAX_PROMPT_CHARS} characters or holds control characters. Fix: shorten it")
+        # Cs: a lone surrogate (a JSON "\ud800" escape) is no text; the tokenizer would fail on it.
+        if len(prompt) > MAX_PROMPT_CHARS or any(unicodedata.category(c) in ("Cc", "Cs") for c in prompt):
+            raise WebError(f"the prompt is over {MAX_PROMPT_CHARS} characters or holds control characters or unpaired surrogates. Fix: shorten it, type plain text")
         tokens = self._tokens(prompt)
         if tokens is not None and tokens > CLIP_TOKENS:
             raise WebError(f"the prompt is {tokens} CLIP tokens; the text encoder reads {CLIP_TOKENS} (start and end included) and would cut the rest. Fix: shorten it")
@@ -652,6 +654,7 @@ class Review:
         return scores
 
     def classes(self, run: str) -> list[str]:
+        check_name(run, "run")  # before it becomes a storage key
         return run_classes(self.storage, run, self.cfg.prompts.classes)
 
     def queue(self, run: str, order: str, class_name: Optional[str], offset: int, limit: int, undecided: bool = False) -> dict:
@@ -711,6 +714,7 @@ class Review:
         that later decision; one still as this submission left it (undos undone in stack order) is restored."""
         from synth.review import ReviewError, effective_decisions, read_decisions, record_decisions
 
+        check_name(run, "run")  # before it becomes a storage key
         if not isinstance(body, dict):
             raise WebError("send a JSON object: {\"reviewer\": ..., \"submission\": ...}")
         reviewer = body.get("reviewer")
