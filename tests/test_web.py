@@ -94,6 +94,8 @@ def test_class_and_technique_reproduce_the_batch_image(web_run, client):
     assert a["image_png_base64"] == b["image_png_base64"] != c["image_png_base64"] and a["prompt"] == b["prompt"]
     assert client.post("/api/generate", json={"class": "dog", "technique": "llm"}).status_code == 400  # smoke writes no LLM prompts
     assert client.post("/api/generate", json={"class": "whale"}).status_code == 400
+    refused = client.post("/api/generate", json={"prompt": "a photo of a sofa"})  # the class-aware generator needs a class
+    assert refused.status_code == 400 and "generator refused" in refused.get_json()["error"]
 
 
 def test_tiny_diffusers_pipeline_generates_and_saves(web_run, tiny_sd):

@@ -466,6 +466,8 @@ class GenerationQueue:
         if not job.done.wait(self.timeout):
             job.cancelled = True
             raise WebError(f"no image within {self.timeout:g} s: the generator is busy. Fix: retry after the time in Retry-After", 503, self._retry_after())
+        if isinstance(job.error, ValueError):  # the generator refused this input (the test generators do)
+            raise WebError(f"the generator refused this request: {job.error}. Fix: change the prompt", 400)
         if job.error is not None:
             raise job.error
         return job.result

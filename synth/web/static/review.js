@@ -19,7 +19,7 @@ function render() {
   grid.replaceChildren(...state.items.map((item, i) => {
     const tile = el("figure", { class: "tile", dataset: { id: item.id, index: i } },
       item.thumbnail ? el("img", { src: item.thumbnail, alt: item.id }) : el("div", { class: "missing" }, "no image"),
-      el("figcaption", {}, el("span", { class: "id" }, item.id), el("span", { class: "num" }, `sim ${item.similarity.toFixed(3)} · #${item.rank}`), badge(item)));
+      el("figcaption", {}, el("span", { class: "id" }, item.id), el("span", { class: "num" }, `${item.class_name} · sim ${item.similarity.toFixed(3)} · #${item.rank}`), badge(item)));
     tile.classList.toggle("focused", i === state.focus);
     tile.classList.toggle("selected", state.selected.has(item.id));
     tile.addEventListener("click", (event) => clickTile(i, event));
