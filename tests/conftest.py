@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -30,6 +31,20 @@ def synth_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "synth":
             found.add(node.module)
     return found
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch on ``n`` threads inside the block: tiny models gain nothing from more, and on a busy
+    2-core machine torch's spinning worker threads make each forward pass many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import REPO, synth_imports
+from conftest import REPO, synth_imports, torch_threads
 from synth.config import ConfigError, DeriveConfig, FusionConfig, GenerateConfig, InpaintingConfig, VariationsConfig, load_config
 
 H = W = 64  # render size: the tiny models' native 64x64
@@ -22,14 +22,9 @@ SMALL = 16  # stored size
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core CI machine torch's spinning
-    worker threads make these tests several times slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """Tiny models on one torch thread (see conftest.torch_threads)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

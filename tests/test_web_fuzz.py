@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import WEB_RUN, app_for, client_with_token, copy_of_run, png_bytes
+from conftest import WEB_RUN, app_for, client_with_token, copy_of_run, png_bytes, torch_threads
 
 SEED = 20261129
 MODEL = f"{WEB_RUN}/train-synthetic/seed-0"
@@ -386,14 +386,9 @@ def multipart(parts: list[tuple[bytes, Optional[bytes], bytes]], boundary: str =
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """Classify on one torch thread: on two busy shared cores, two threads make each forward pass
-    many times slower (they wait on each other), and the campaign classifies hundreds of files."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """Classify on one torch thread: the campaign classifies hundreds of files (see conftest.torch_threads)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
