@@ -285,7 +285,10 @@ def run_ray_generation(storage: Storage, job: ImageJob, todo: list[tuple[int, li
         num_cpus=0.5,
         concurrency=g.writer_concurrency,  # None: as many tasks as Ray Data schedules
     )
-    return ds.iter_rows()
+    # Not iter_rows: it prefetches a block, so a shard's row would come only once the next shard is
+    # written too, and progress and timings would lag a shard behind.
+    for batch in ds.iter_batches(batch_size=None, prefetch_batches=0):
+        yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
 
 
 # --------------------------------------------------------------------------------------------
