@@ -22,14 +22,14 @@ start and the end of the run; and for each row, how far its first image is from 
 
 Each row: its model loaded afresh, one warm-up call (excluded; compile time is the warm-up's
 excess, reported apart), then the measured calls; prompts repeat the warm-up's, so the prompt
-cache is warm (in a run of ``configs/full.yaml`` 86% of rows repeat an earlier prompt).
+cache is warm (in ``configs/full.yaml`` without LLM prompts 86% of rows repeat an earlier one).
 
 On a CPU every rate is images per CPU-second of the process (torch runs ``--threads`` threads, 1
 by default): process CPU time does not count time lost to other programs on a shared machine,
 where wall time does; wall times are recorded too. On a GPU: wall time, bf16 (``generate.dtype``).
 
-    python benchmarks/bench_generate.py                  # CPU ~25 min; the same command on a CUDA GPU
-    python benchmarks/bench_generate.py --preset tiny    # the tiny random model: the script checked in ~1 min
+    python benchmarks/bench_generate.py                  # CPU ~27 min; the same command on a CUDA GPU
+    python benchmarks/bench_generate.py --preset tiny    # the tiny random model: the script checked in ~3 min
     python benchmarks/bench_generate.py --driver-memory  # driver peak RSS of the stage at 9,000 and 36,000 images
 """
 

@@ -223,12 +223,13 @@ class GenerateConfig:
     # Text-encoder outputs each actor keeps, one per unique prompt or negative (least recently used
     # dropped first), reused by later batches; 0 encodes every batch anew. Byte-identical images.
     prompt_cache: int = 1024
-    # Speed switches (Stable Diffusion family; prior + decoder and UnCLIP models ignore them).
-    # attention: sdpa (torch's scaled_dot_product_attention, diffusers' default) | classic (the
-    # explicit softmax(QK^T)V, for comparison). fuse_qkv: one projection for query, key and value
-    # (needs sdpa). channels_last: NHWC convolutions in the UNet and decoder. compile: torch.compile
-    # of the UNet and the decoder once per actor (minutes of compiling before the first batch).
-    # channels_last, classic and compile round differently (a few pixels move by 1/255): off by default.
+    # Speed switches. attention: sdpa (torch's scaled_dot_product_attention, diffusers' default) |
+    # classic (the explicit softmax(QK^T)V, for comparison). fuse_qkv: one projection for query, key
+    # and value (needs sdpa). compile: torch.compile of the UNet and the decoder, once per actor and
+    # batch shape (minutes before the first batch; keep shard_size a multiple of batch_size). These
+    # three act on UNet + VAE pipelines (prior + decoder and UnCLIP models ignore them);
+    # channels_last (NHWC convolutions) on every kind, derive included. channels_last, classic and
+    # compile round differently (a few pixels move by 1/255), so they are off by default.
     attention: str = "sdpa"
     fuse_qkv: bool = True
     channels_last: bool = False
