@@ -228,7 +228,8 @@ class Row:
 
 
 def measure_baseline(s: Settings, models: dict, res: int, flops: dict) -> dict:
-    """A plain diffusers pipeline, one prompt per call, PIL out, resized to 32 px with PIL."""
+    """A plain diffusers pipeline, one prompt per call, PIL out, resized to 32 px with PIL; its
+    warm-up counts the FLOPs of text encoder, UNet and VAE decoder into ``flops`` if still empty."""
     import torch
     from diffusers import AutoPipelineForText2Image
     from PIL import Image
@@ -246,8 +247,11 @@ def measure_baseline(s: Settings, models: dict, res: int, flops: dict) -> dict:
         return np.asarray(image), image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
 
     with torch.inference_mode():
-        _, counted = count_flops(lambda: clock.time("warmup", one, call_rows(1, -1)[0]))
-        flops.update({"text_encoder": counted["text_encoder"], "unet": counted["unet"], "vae_decoder": counted["decoder"]})
+        if flops:
+            clock.time("warmup", one, call_rows(1, -1)[0])
+        else:
+            _, counted = count_flops(lambda: clock.time("warmup", one, call_rows(1, -1)[0]))
+            flops.update({"text_encoder": counted["text_encoder"], "unet": counted["unet"], "vae_decoder": counted["decoder"]})
         clock.reset()
         first = None
         for k in range(s.calls):
@@ -400,7 +404,7 @@ def study(s: Settings, models: dict, res: int) -> dict:
     result["best_switches"] = best
     gc.collect()
     say("baseline again: the drift of the machine over this resolution's rows")
-    again = measure_baseline(s, models, res, {})
+    again = measure_baseline(s, models, res, flops)
     again.pop("first_image")
     result["rows"]["baseline again"] = {"what": "the baseline measured again, after the other rows", **again}
     gc.collect()

@@ -445,7 +445,10 @@ class DiffusersGenerator:
     - an ``UnCLIPPipeline`` (Karlo): prior, decoder and super-resolution in one pipeline, all at
       ``steps`` (at least :data:`MIN_UNCLIP_STEPS`); it renders at its own resolution (``height``/``width`` do not apply) and takes no
       negative prompt.
-    - anything else: ``AutoPipelineForText2Image`` (Stable Diffusion, SD-Turbo, SDXL, ...).
+    - anything else: ``AutoPipelineForText2Image`` (Stable Diffusion, SD-Turbo, SDXL, ...), with
+      the speed switches of ``generate.*``: a tiny decoder in place of the VAE, cached prompt
+      embeddings (:class:`PromptEmbeddings`), SDPA or classic attention, fused QKV projections,
+      torch.compile (:func:`_speed_up`). channels_last applies to every kind.
     """
 
     needs_model: ClassVar[bool] = True
