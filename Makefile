@@ -32,7 +32,7 @@ web: setup
 	SYNTH_CONFIG=configs/smoke.yaml $(VENV)/bin/flask --app synth.web run --port 5000
 
 bench: setup
-	$(PY) benchmarks/bench_generate.py --preset tiny --resolution 256 --images 192 --batch-size 16 --shard-size 32
+	$(PY) benchmarks/bench_generate.py --preset tiny   # the script checked on the tiny model; the real run: README, Benchmarks
 
 clean:
 	rm -rf outputs .cache

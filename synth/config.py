@@ -215,11 +215,37 @@ class GenerateConfig:
     dtype: str = "bfloat16"  # bfloat16 | float16 | float32 (float32 is used on CPU regardless)
     # Images per pipeline call inside an actor.
     batch_size: int = 32
-    # Actor pool: size and GPUs per actor ("auto" number: 1 if the cluster has GPUs, else 0).
+    # What turns latents into pixels (Stable Diffusion family): null, the pipeline's own VAE; or a
+    # tiny autoencoder (AutoencoderTiny, a Hugging Face id or a save_pretrained folder: e.g.
+    # madebyollin/taesd for SD 1.x/2.x and SD-Turbo), ~18x fewer decoder FLOPs at 512 px, softer
+    # detail. It changes the images, so the plan records it.
+    decoder: Optional[str] = None
+    # Text-encoder outputs each actor keeps, one per unique prompt or negative (least recently used
+    # dropped first), reused by later batches; 0 encodes every batch anew. Byte-identical images.
+    # Each is 77 x 1024 values for SD-Turbo: 1024 of them take ~160 MB in bf16, ~320 MB in float32.
+    prompt_cache: int = 1024
+    # Speed switches. attention: sdpa (torch's scaled_dot_product_attention, diffusers' default) |
+    # classic (the explicit softmax(QK^T)V, for comparison). fuse_qkv: one projection for query, key
+    # and value (needs sdpa). compile: torch.compile of the UNet and the decoder, once per actor and
+    # batch shape (minutes before the first batch; keep shard_size a multiple of batch_size). These
+    # three act on UNet + VAE pipelines (prior + decoder and UnCLIP models ignore them);
+    # channels_last (NHWC convolutions) on every kind, derive included. channels_last, classic and
+    # compile round differently (a few pixels move by 1/255), so they are off by default.
+    attention: str = "sdpa"
+    fuse_qkv: bool = True
+    channels_last: bool = False
+    compile: bool = False
+    # Actor pool: num_actors actors, or with max_actors set, autoscaling between the two; GPUs per
+    # actor ("auto" number: 1 if the cluster has GPUs, else 0); CPUs per actor (null: 1 for a CPU
+    # actor, 0.5 beside a GPU; torch in a CPU actor uses that many threads, rounded down).
     num_actors: int = 1
+    max_actors: Optional[int] = None
     num_gpus_per_actor: Optional[float] = None
+    cpus_per_actor: Optional[float] = None
     # Images per storage shard: the unit of resumption and of atomic writes.
     shard_size: int = 128
+    # Concurrent PNG-encoding and shard-writing tasks (null: as many as Ray Data schedules).
+    writer_concurrency: Optional[int] = None
 
 
 @dataclass
@@ -814,6 +840,7 @@ def validate(cfg: Config) -> None:
         "must be in [0, 8], or null to use 1 when the cluster has GPUs and 0 otherwise",
     )
     _require(1 <= g.shard_size <= 100_000, "generate.shard_size", g.shard_size, "must be in [1, 100000]")
+    _validate_generate_speed(g)
     _validate_derive(cfg)
     _validate_curate(cfg)
     _validate_dataset(cfg)
@@ -875,6 +902,26 @@ def validate(cfg: Config) -> None:
     _validate_tune(cfg)
     _validate_export(cfg)
     _validate_web(cfg.web)
+
+
+ATTENTIONS = ("sdpa", "classic")
+
+
+def _validate_generate_speed(g: GenerateConfig) -> None:
+    """The generate stage's speed switches and actor pool (see GenerateConfig)."""
+    _require(g.decoder is None or bool(g.decoder.strip()), "generate.decoder", g.decoder,
+             "give an AutoencoderTiny id or folder (e.g. madebyollin/taesd), or null for the pipeline's VAE")  # fmt: skip
+    _require(0 <= g.prompt_cache <= 1_000_000, "generate.prompt_cache", g.prompt_cache,
+             "give the number of prompt embeddings an actor keeps, in [0, 1000000] (0: no cache)")  # fmt: skip
+    _require(g.attention in ATTENTIONS, "generate.attention", g.attention, f"choose one of {', '.join(ATTENTIONS)}")
+    _require(not (g.fuse_qkv and g.attention != "sdpa"), "generate.fuse_qkv", g.fuse_qkv,
+             "fused projections run through sdpa attention: set generate.attention=sdpa or generate.fuse_qkv=false")  # fmt: skip
+    _require(g.max_actors is None or g.max_actors >= g.num_actors, "generate.max_actors", g.max_actors,
+             f"must be at least generate.num_actors={g.num_actors} (the pool autoscales between them), or null for a fixed pool")  # fmt: skip
+    _require(g.cpus_per_actor is None or 0.0 < g.cpus_per_actor <= 1024, "generate.cpus_per_actor", g.cpus_per_actor,
+             "must be in (0, 1024], or null for 1 on a CPU actor and 0.5 beside a GPU")  # fmt: skip
+    _require(g.writer_concurrency is None or g.writer_concurrency >= 1, "generate.writer_concurrency", g.writer_concurrency,
+             "must be at least 1, or null to let Ray Data schedule the writers")  # fmt: skip
 
 
 def _validate_prompt_mix(cfg: Config) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Mapping, Optional, Sequence
 
@@ -37,6 +38,7 @@ DECODER_CLASSES = ("KandinskyV22Pipeline",)
 UNCLIP_CLASSES = ("UnCLIPPipeline",)
 KANDINSKY_PRIOR_EXAMPLE = "kandinsky-community/kandinsky-2-2-prior"
 KANDINSKY_DECODER_EXAMPLE = "kandinsky-community/kandinsky-2-2-decoder"
+TINY_DECODER_CLASS = "AutoencoderTiny"  # generate.decoder: TAESD's class in diffusers
 # UnCLIPScheduler (the Kandinsky 2.2 prior's and UnCLIP's) divides by steps - 1: it needs two.
 MIN_UNCLIP_STEPS = 2
 
@@ -53,14 +55,21 @@ def pipeline_class_name(model: str, *, key: str = "generate.model") -> str:
     the local Hugging Face cache, downloading the one small file when the Hub is reachable).
     ``key`` names the config key in error messages.
     """
+    return _class_name(model, key, "model_index.json", "DiffusionPipeline.save_pretrained")
+
+
+def model_class_name(model: str, *, key: str) -> str:
+    """The ``_class_name`` in the ``config.json`` of a single model (e.g. ``"AutoencoderTiny"``),
+    read as :func:`pipeline_class_name` reads a pipeline's."""
+    return _class_name(model, key, "config.json", "the model's save_pretrained")
+
+
+def _class_name(model: str, key: str, filename: str, saved_by: str) -> str:
     path = Path(model).expanduser()
     if path.exists():
-        index = path / "model_index.json"
+        index = path / filename
         if not index.is_file():
-            raise ConfigError(
-                f"{key}={model!r} is a folder without model_index.json; "
-                "point it at a folder written by DiffusionPipeline.save_pretrained"
-            )
+            raise ConfigError(f"{key}={model!r} is a folder without {filename}; point it at a folder written by {saved_by}")
     elif model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ConfigError(
             f"{key}={model!r} is neither an existing folder nor a Hugging Face id like 'stabilityai/sd-turbo'"
@@ -69,7 +78,7 @@ def pipeline_class_name(model: str, *, key: str = "generate.model") -> str:
         from huggingface_hub import hf_hub_download
 
         try:
-            index = Path(hf_hub_download(model, "model_index.json"))
+            index = Path(hf_hub_download(model, filename))
         except Exception as exc:  # offline and not cached, 401/404 from the Hub, no network
             offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
             reason = (
@@ -87,15 +96,16 @@ def pipeline_class_name(model: str, *, key: str = "generate.model") -> str:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(
             f"{key}={model!r}: {index} has no readable _class_name ({type(exc).__name__}); "
-            "point it at a folder written by DiffusionPipeline.save_pretrained"
+            f"point it at a folder written by {saved_by}"
         ) from exc
     return str(name)
 
 
-def resolve_model(model: str, key: str) -> str:
-    """Check, before Ray starts, that ``model`` can be loaded (see :func:`pipeline_class_name`);
-    returns a local folder made absolute (actors run in other working directories), an id unchanged."""
-    pipeline_class_name(model, key=key)
+def resolve_model(model: str, key: str, *, pipeline: bool = True) -> str:
+    """Check, before Ray starts, that ``model`` can be loaded (see :func:`pipeline_class_name`, or
+    :func:`model_class_name` for a single model with ``pipeline=False``); returns a local folder
+    made absolute (actors run in other working directories), an id unchanged."""
+    (pipeline_class_name if pipeline else model_class_name)(model, key=key)
     path = Path(model).expanduser()
     return str(path.resolve()) if path.exists() else model
 
@@ -145,6 +155,21 @@ def _check_pair(prior_key: str, prior: Optional[str], model_key: str, model: str
         )
 
 
+def _check_decoder(decoder: str, model: str, model_cls: str, prior: Optional[str]) -> None:
+    """generate.decoder: a tiny autoencoder, for a pipeline that decodes latents with a VAE."""
+    if prior or model_cls in PRIOR_CLASSES + DECODER_CLASSES + UNCLIP_CLASSES:
+        raise ConfigError(
+            f"generate.decoder={decoder!r} replaces a Stable Diffusion VAE, and generate.model={model!r} ({model_cls}) "
+            "decodes with its own MoVQ or super-resolution stages. Fix: set generate.decoder=null"
+        )
+    decoder_cls = model_class_name(decoder, key="generate.decoder")
+    if decoder_cls != TINY_DECODER_CLASS:
+        raise ConfigError(
+            f"generate.decoder={decoder!r} is not a tiny autoencoder: its config.json names {decoder_cls}, not {TINY_DECODER_CLASS}. Fix: give a tiny "
+            "autoencoder for the model's latents (e.g. madebyollin/taesd for SD 1.x/2.x and SD-Turbo), or null for the pipeline's VAE"
+        )
+
+
 def _derive_on(d: DeriveConfig) -> tuple[bool, bool, bool, bool]:
     """(img2img variations, embedding variations, fusion, inpainting): which techniques are on."""
     variations = d.variations.count > 0
@@ -168,6 +193,8 @@ def check_models(cfg: Config) -> None:
         model_cls = pipeline_class_name(g.model, key="generate.model")
         if g.prior or model_cls in PRIOR_CLASSES + DECODER_CLASSES:
             _check_pair("generate.prior", g.prior, "generate.model", g.model, model_cls)
+        if g.decoder:
+            _check_decoder(g.decoder, g.model, model_cls, g.prior)
 
     # 2. derive, only when some technique is on.
     d = cfg.derive
@@ -215,15 +242,15 @@ def _device_and_dtype(dtype_name: str):
     return device, dtype
 
 
-def _ready(pipe, device):
-    """Quiet, without a safety checker, on ``device``, channels-last convolutions on a GPU."""
+def _ready(pipe, device, channels_last: bool):
+    """Quiet, without a safety checker, on ``device``; channels-last convolutions if asked (generate.channels_last)."""
     import torch
 
     pipe.set_progress_bar_config(disable=True)
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # 32 px classifier data; the checker blacks out images
     pipe.to(device)
-    if device.type == "cuda":
+    if channels_last:
         for name in ("unet", "vae", "transformer", "movq", "decoder"):
             module = getattr(pipe, name, None)
             if isinstance(module, torch.nn.Module):
@@ -280,13 +307,13 @@ def _mask_image(kind: str, height: int, width: int, seed: int) -> "Image.Image":
     return Image.fromarray(inpaint_mask(kind, height, width, seed).astype(np.uint8) * 255, mode="L")
 
 
-def _load_kandinsky(prior: str, decoder: str, device, dtype):
+def _load_kandinsky(prior: str, decoder: str, device, dtype, channels_last: bool):
     """The two Kandinsky 2.2 pipelines, each from its own folder or id (no combined-pipeline Hub look-up)."""
     from diffusers import KandinskyV22Pipeline, KandinskyV22PriorPipeline
 
     prior_pipe = KandinskyV22PriorPipeline.from_pretrained(prior, dtype=dtype)
     decoder_pipe = KandinskyV22Pipeline.from_pretrained(decoder, dtype=dtype)
-    return _ready(prior_pipe, device), _ready(decoder_pipe, device)
+    return _ready(prior_pipe, device, channels_last), _ready(decoder_pipe, device, channels_last)
 
 
 def _load_unclip(model: str):
@@ -321,8 +348,90 @@ def _decode_embeddings(decoder, embeds, negative, seeds, device, height: int, wi
 
 
 # --------------------------------------------------------------------------------------------
-# Text to image
+# Text to image: speed switches, prompt embeddings, the generator
 # --------------------------------------------------------------------------------------------
+
+
+def _load_text2img(cfg: GenerateConfig, device, dtype):
+    """``generate.model`` through ``AutoPipelineForText2Image``, with ``generate.decoder`` (a tiny
+    autoencoder) in place of its VAE when set (the VAE is then never loaded), on ``device``."""
+    from diffusers import AutoencoderTiny, AutoPipelineForText2Image
+    from diffusers.utils import logging as diffusers_logging
+
+    if not cfg.decoder:
+        return _ready(AutoPipelineForText2Image.from_pretrained(cfg.model, dtype=dtype), device, cfg.channels_last)
+    # diffusers warns that the pipeline's vae should be an AutoencoderKL (a tiny one is its documented
+    # use) and that AutoencoderTiny's own config has a key it ignores: noise on every actor, kept out.
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        vae = AutoencoderTiny.from_pretrained(cfg.decoder, dtype=dtype)
+        pipe = AutoPipelineForText2Image.from_pretrained(cfg.model, dtype=dtype, vae=vae)
+    finally:
+        diffusers_logging.set_verbosity(level)
+    return _ready(pipe, device, cfg.channels_last)
+
+
+def _speed_up(pipe, cfg: GenerateConfig) -> None:
+    """generate.attention, fuse_qkv and compile on a UNet + VAE pipeline, in place (others: unchanged)."""
+    import torch
+    from diffusers import AutoencoderKL
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
+    if unet is None or vae is None:
+        return
+    full_vae = isinstance(vae, AutoencoderKL)  # a tiny autoencoder has no attention to change
+    if cfg.attention == "classic":
+        for module in (unet, vae) if full_vae else (unet,):
+            module.set_attn_processor(AttnProcessor())
+    if cfg.fuse_qkv:
+        pipe.fuse_qkv_projections(unet=True, vae=full_vae)
+    if cfg.compile:
+        # Compiled on the first batch of each shape (and again for a short last batch): minutes on a CPU.
+        unet.compile(fullgraph=True)
+        vae.decode = torch.compile(vae.decode, fullgraph=True)
+
+
+class PromptEmbeddings:
+    """The text encoder's output for each unique text (prompt or negative), kept by one actor.
+
+    Templates repeat (a 36,000-image run has ~5,400 distinct prompts), so most batches find every
+    embedding here. The texts a batch misses are encoded together in one call, exactly as the
+    pipeline encodes a batch; the least recently used entries go beyond ``size``.
+    """
+
+    def __init__(self, pipe, device, size: int):
+        self.pipe, self.device, self.size = pipe, device, size
+        self.cache: OrderedDict[str, object] = OrderedDict()  # text -> (77, D) tensor on the device
+        self.encoded = self.reused = 0
+
+    def __call__(self, texts: Sequence[str]):
+        """(B, 77, D) embeddings of ``texts``, in order."""
+        import torch
+
+        found = {}
+        for text in texts:
+            if text in self.cache:
+                self.cache.move_to_end(text)
+                found[text] = self.cache[text]
+        missing = [t for t in dict.fromkeys(texts) if t not in found]
+        if missing:
+            embeds = self.pipe.encode_prompt(missing, self.device, 1, False)[0]  # (M, 77, D)
+            for text, embed in zip(missing, embeds):
+                found[text] = self.cache[text] = embed.clone()  # its own storage, not a view of the batch's
+        while len(self.cache) > self.size:
+            self.cache.popitem(last=False)
+        self.encoded += len(missing)
+        self.reused += len(texts) - len(missing)
+        return torch.stack([found[t] for t in texts])
+
+    def pipeline_kwargs(self, prompts: Sequence[str], negatives: Optional[Sequence[str]]) -> dict:
+        """What the pipeline takes instead of ``prompt`` / ``negative_prompt``."""
+        kwargs = {"prompt_embeds": self(prompts)}
+        if negatives is not None:
+            kwargs["negative_prompt_embeds"] = self(negatives)
+        return kwargs
 
 
 class DiffusersGenerator:
@@ -336,7 +445,10 @@ class DiffusersGenerator:
     - an ``UnCLIPPipeline`` (Karlo): prior, decoder and super-resolution in one pipeline, all at
       ``steps`` (at least :data:`MIN_UNCLIP_STEPS`); it renders at its own resolution (``height``/``width`` do not apply) and takes no
       negative prompt.
-    - anything else: ``AutoPipelineForText2Image`` (Stable Diffusion, SD-Turbo, SDXL, ...).
+    - anything else: ``AutoPipelineForText2Image`` (Stable Diffusion, SD-Turbo, SDXL, ...), with
+      the speed switches of ``generate.*``: a tiny decoder in place of the VAE, cached prompt
+      embeddings (:class:`PromptEmbeddings`), SDPA or classic attention, fused QKV projections,
+      torch.compile (:func:`_speed_up`). channels_last applies to every kind.
     """
 
     needs_model: ClassVar[bool] = True
@@ -346,21 +458,25 @@ class DiffusersGenerator:
         return f"{cfg.prior} -> {cfg.model}" if cfg.prior else cfg.model
 
     def __init__(self, cfg: GenerateConfig, classes: Sequence[str]):
-        from diffusers import AutoPipelineForText2Image
+        from diffusers import StableDiffusionPipeline
 
         self.cfg = cfg
         self.device, dtype = _device_and_dtype(cfg.dtype)
         _quiet_diffusers()
-        self.prior = None
+        self.prior = self.embeddings = None
         if cfg.prior:
             self.kind = "prior"
-            self.prior, self.pipe = _load_kandinsky(cfg.prior, cfg.model, self.device, dtype)
+            self.prior, self.pipe = _load_kandinsky(cfg.prior, cfg.model, self.device, dtype, cfg.channels_last)
         elif pipeline_class_name(cfg.model) in UNCLIP_CLASSES:
             self.kind = "unclip"
-            self.pipe = _ready(_load_unclip(cfg.model).to(dtype), self.device)
+            self.pipe = _ready(_load_unclip(cfg.model).to(dtype), self.device, cfg.channels_last)
         else:
             self.kind = "text2img"
-            self.pipe = _ready(AutoPipelineForText2Image.from_pretrained(cfg.model, dtype=dtype), self.device)
+            self.pipe = _load_text2img(cfg, self.device, dtype)
+            _speed_up(self.pipe, cfg)
+            # The cache takes encode_prompt's (embeds, negative embeds) form: Stable Diffusion 1.x/2.x, SD-Turbo.
+            if cfg.prompt_cache > 0 and isinstance(self.pipe, StableDiffusionPipeline):
+                self.embeddings = PromptEmbeddings(self.pipe, self.device, cfg.prompt_cache)
 
     def generate(
         self,
@@ -415,9 +531,12 @@ class DiffusersGenerator:
                 ).images  # (B, H, W, 3) float in [0, 1], on the CPU whatever the device
                 images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
             else:
+                if self.embeddings is not None:
+                    text = self.embeddings.pipeline_kwargs(prompts, negatives if guided else None)
+                else:
+                    text = {"prompt": list(prompts), "negative_prompt": list(negatives) if guided else None}
                 images = self.pipe(
-                    prompt=list(prompts),
-                    negative_prompt=list(negatives) if guided else None,
+                    **text,
                     num_inference_steps=cfg.steps,
                     guidance_scale=guidance,
                     height=cfg.height,
@@ -489,16 +608,16 @@ class DiffusersDeriver:
         img2img, embedding, fusion, inpainting = _derive_on(cfg)
         self.img2img = self.prior = self.decoder = self.inpaint = None
         if img2img:
-            self.img2img = _ready(AutoPipelineForImage2Image.from_pretrained(cfg.model, dtype=dtype), self.device)
+            self.img2img = _ready(AutoPipelineForImage2Image.from_pretrained(cfg.model, dtype=dtype), self.device, gen.channels_last)
         if embedding or fusion:
-            self.prior, self.decoder = _load_kandinsky(cfg.prior, cfg.model, self.device, dtype)
+            self.prior, self.decoder = _load_kandinsky(cfg.prior, cfg.model, self.device, dtype, gen.channels_last)
         if inpainting:
             model = cfg.inpainting.model or cfg.model
             if self.img2img is not None and model == cfg.model:
                 # Same weights as the img2img pipeline: share its components, load nothing more.
-                self.inpaint = _ready(AutoPipelineForInpainting.from_pipe(self.img2img), self.device)
+                self.inpaint = _ready(AutoPipelineForInpainting.from_pipe(self.img2img), self.device, gen.channels_last)
             else:
-                self.inpaint = _ready(AutoPipelineForInpainting.from_pretrained(model, dtype=dtype), self.device)
+                self.inpaint = _ready(AutoPipelineForInpainting.from_pretrained(model, dtype=dtype), self.device, gen.channels_last)
 
     def derive(self, rows: Sequence[dict], parents: Mapping[str, np.ndarray]) -> GeneratedImages:
         """One child per row, in the rows' order; each a function of its own row and parents only.

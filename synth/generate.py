@@ -141,7 +141,7 @@ def plan_for(cfg: Config, prompts: pa.Table) -> dict:
         names.append("guidance_scale")  # per-image guidance changes the images; without it the hash is as before
     for name in names:
         digest.update("\x1e".join(map(str, prompts.column(name).to_pylist())).encode())
-    return {
+    plan = {
         "prompt_table_sha256": digest.hexdigest(),
         "images": prompts.num_rows,
         "shard_size": g.shard_size,
@@ -156,6 +156,9 @@ def plan_for(cfg: Config, prompts: pa.Table) -> dict:
         "dtype": g.dtype,
         "keep_full_resolution": g.keep_full_resolution,
     }
+    if g.decoder:
+        plan["decoder"] = g.decoder  # a tiny decoder changes the images; without one the plan is as before
+    return plan
 
 
 def shard_rows(prompts: pa.Table, shard_size: int) -> list[list[dict]]:
@@ -211,6 +214,7 @@ def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
             gen_cfg,
             model=resolve_model(gen_cfg.model, "generate.model"),
             prior=resolve_model(gen_cfg.prior, "generate.prior") if gen_cfg.prior else None,
+            decoder=resolve_model(gen_cfg.decoder, "generate.decoder", pipeline=False) if gen_cfg.decoder else None,
         )
         if cfg.generate.generator == "diffusers":
             from synth.diffusion import check_models

@@ -222,14 +222,30 @@ def _status_of_stored(storage: Storage, key: str, shard: int, plan: str, ids: li
     return PRESENT if check_shard(data, shard, plan, ids, columns).ok else BAD
 
 
-def shard_pool(todo: list[tuple[int, list[dict]]], actor, constructor_args: tuple, num_actors: int, num_gpus: Optional[float]):
+def shard_pool(
+    todo: list[tuple[int, list[dict]]],
+    actor,
+    constructor_args: tuple,
+    num_actors: int,
+    num_gpus: Optional[float],
+    *,
+    max_actors: Optional[int] = None,
+    num_cpus: Optional[float] = None,
+):
     """A Ray Data dataset of one row per shard to do (its number and its rows as JSON), mapped by an
-    actor pool of ``actor`` (loaded once per actor); the shared part of every sharded stage's Ray job."""
+    actor pool of ``actor`` (loaded once per actor); the shared part of every sharded stage's Ray job.
+
+    The pool holds ``num_actors`` actors, or autoscales from ``num_actors`` to ``max_actors``; each
+    takes ``num_gpus`` GPUs (None: 1 if the cluster has GPUs) and ``num_cpus`` CPUs (None: 1 for a
+    CPU actor, 0.5 beside a GPU). Ray sets a CPU actor's torch threads to its CPUs, rounded down.
+    """
     import ray
     import ray.data
 
     if num_gpus is None:
         num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    if num_cpus is None:
+        num_cpus = 1.0 if num_gpus == 0 else 0.5  # a GPU actor's CPU work is light
     # Storage retries each request for storage.retry_seconds; past that, Ray Data retries the
     # whole map task a few times (a claim makes a repeated write harmless) before the stage fails.
     context = ray.data.DataContext.get_current()
@@ -238,14 +254,18 @@ def shard_pool(todo: list[tuple[int, list[dict]]], actor, constructor_args: tupl
     # Rows travel as JSON text: one small string column instead of nested Arrow structs, and never images.
     items = [{"shard": k, "rows": json.dumps(rows)} for k, rows in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    low = min(num_actors, len(items))  # no idle actor for a short todo list
+    if max_actors is None:
+        pool = ray.data.ActorPoolStrategy(size=low)
+    else:
+        pool = ray.data.ActorPoolStrategy(min_size=low, max_size=max(low, min(max_actors, len(items))))
     return ds.map_batches(
         actor,
         fn_constructor_args=constructor_args,
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(num_actors, len(items))),  # no idle actor for a short todo list
+        compute=pool,
         num_gpus=num_gpus,
-        # A CPU actor still needs a CPU slot; a GPU actor's CPU work is light.
-        num_cpus=1 if num_gpus == 0 else 0.5,
+        num_cpus=num_cpus,
         # Ray Data restarts a dead actor and resubmits its shard; the shard's fixed key makes
         # the retry harmless.
     )
@@ -254,14 +274,21 @@ def shard_pool(todo: list[tuple[int, list[dict]]], actor, constructor_args: tupl
 def run_ray_generation(storage: Storage, job: ImageJob, todo: list[tuple[int, list[dict]]], plan: str) -> Iterator[dict]:
     """Make and write the given shards with Ray Data; yields one small result row per shard as it lands."""
     g = job.g
-    ds = shard_pool(todo, ShardMaker, (job.maker, storage, job.run, job.stage, g.batch_size), g.num_actors, g.num_gpus_per_actor)
+    ds = shard_pool(
+        todo, ShardMaker, (job.maker, storage, job.run, job.stage, g.batch_size), g.num_actors, g.num_gpus_per_actor,
+        max_actors=g.max_actors, num_cpus=g.cpus_per_actor,
+    )  # fmt: skip
     ds = ds.map_batches(
         write_shards,
         fn_kwargs={"storage": storage, "run": job.run, "stage": job.stage, "model": job.model, "plan": plan},
         batch_size=1,
         num_cpus=0.5,
+        concurrency=g.writer_concurrency,  # None: as many tasks as Ray Data schedules
     )
-    return ds.iter_rows()
+    # Not iter_rows: it prefetches a block, so a shard's row would come only once the next shard is
+    # written too, and progress and timings would lag a shard behind.
+    for batch in ds.iter_batches(batch_size=None, prefetch_batches=0):
+        yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
 
 
 # --------------------------------------------------------------------------------------------

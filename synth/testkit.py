@@ -170,6 +170,21 @@ def build_full_size_random_sd_pipeline(out: str | Path, seed: int = 0) -> Path:
     return _save_random_sd_pipeline(Path(out), unet, vae, text, dtype=torch.float16)
 
 
+def build_tiny_random_autoencoder_tiny(out: str | Path, seed: int = 0, full_size: bool = False) -> Path:
+    """Write a random-weight tiny autoencoder (``AutoencoderTiny``, TAESD's class) for SD's 4-channel
+    latents, for ``generate.decoder``; returns the folder. 8 channels per block for the tiny SD
+    pipeline, or with ``full_size`` TAESD's own architecture (``AutoencoderTiny()``'s defaults:
+    64 channels, ~1.2M parameters), for throughput benchmarks."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    blocks = dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                  num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))  # fmt: skip
+    AutoencoderTiny(latent_channels=4, **({} if full_size else blocks)).save_pretrained(out)
+    return Path(out)
+
+
 # -- tiny random image-conditioned models: SD inpainting, Kandinsky 2.2, UnCLIP ---------------
 # Architectures as in diffusers' own fast tests (tests/pipelines/...), random weights, seeded;
 # each renders 64x64 images on a CPU in well under a second per step.
@@ -782,6 +797,7 @@ def build_tiny_random_llm(path, chat_template: bool = True) -> Path:
 USAGE = """usage:
   python -m synth.testkit tiny-sd <folder>                     random-weight tiny Stable Diffusion pipeline
   python -m synth.testkit tiny-sd-inpaint <folder>             ... its inpainting variant (9-channel UNet)
+  python -m synth.testkit tiny-taesd <folder>                  ... a tiny autoencoder for its latents (generate.decoder)
   python -m synth.testkit tiny-kandinsky <folder>              ... Kandinsky 2.2 prior + decoder (<folder>/prior, <folder>/decoder)
   python -m synth.testkit tiny-unclip <folder>                 ... UnCLIP (Karlo's architecture)
   python -m synth.testkit tiny-clip <folder>                   random-weight tiny CLIP (model + processor) for curate
@@ -795,6 +811,7 @@ USAGE = """usage:
 BUILDERS = {
     "tiny-sd": (build_tiny_random_sd_pipeline, "tiny random-weight Stable Diffusion pipeline"),
     "tiny-sd-inpaint": (build_tiny_random_sd_inpaint_pipeline, "tiny random-weight Stable Diffusion inpainting pipeline"),
+    "tiny-taesd": (build_tiny_random_autoencoder_tiny, "tiny random-weight tiny autoencoder (AutoencoderTiny)"),
     "tiny-unclip": (build_tiny_random_unclip, "tiny random-weight UnCLIP pipeline"),
     "tiny-clip": (build_tiny_random_clip, "tiny random-weight CLIP"),
     "tiny-llm": (build_tiny_random_llm, "tiny random-weight causal language model"),

@@ -62,6 +62,13 @@ def test_overrides_win_and_are_typed():
         (["run=${nope}"], "cannot resolve config key 'run'"),
         (["[=0"], "override '[=0' for config key '[': the key does not parse"),  # an IndexError inside OmegaConf
         (["dataset.hostile=train"], "dataset.hostile='train' is invalid: choose evaluate"),
+        (["generate.attention=flash"], "generate.attention='flash' is invalid: choose one of sdpa, classic"),
+        (["generate.attention=classic"], "generate.fuse_qkv=True is invalid: fused projections run through sdpa attention"),
+        (["generate.num_actors=3", "generate.max_actors=2"], "must be at least generate.num_actors=3"),
+        (["generate.prompt_cache=-1"], "generate.prompt_cache=-1 is invalid"),
+        (["generate.cpus_per_actor=0"], "generate.cpus_per_actor=0.0 is invalid"),
+        (["generate.writer_concurrency=0"], "generate.writer_concurrency=0 is invalid"),
+        (["generate.decoder=''"], "generate.decoder='' is invalid: give an AutoencoderTiny id or folder"),
         (["dataset.hostile=other_class", "prompts.classes=[cat,Other]"], "rename your class 'other'"),
         (["dataset.hostile=other_class", "prompts.hostile_per_class=0"], "make some (e.g. prompts.hostile_per_class=50)"),
     ],

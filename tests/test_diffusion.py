@@ -131,7 +131,7 @@ def test_per_image_guidance_groups_rows_and_keeps_null_rows_as_before(models):
     assert np.array_equal(gen.generate(prompts, negatives, seeds, guidance_scales=[None] * 4).small, today.small)
     calls = []
     pipe = gen.pipe
-    gen.pipe = lambda **kw: calls.append((len(kw["prompt"]), kw["guidance_scale"])) or pipe(**kw)
+    gen.pipe = lambda **kw: calls.append((len(kw["prompt_embeds"]), kw["guidance_scale"])) or pipe(**kw)  # prompt_cache on
     mixed = gen.generate(prompts, negatives, seeds, guidance_scales=[None, 3.0, None, 3.0])
     assert sorted(calls) == [(2, 0.0), (2, 3.0)]
     gen.pipe = pipe
@@ -150,6 +150,128 @@ def test_stable_diffusion_still_goes_through_text_to_image(models):
     gen = DiffusersGenerator(gen_config(model=models["sd"]), ["cat"])
     assert gen.kind == "text2img"
     check_generator_batch_independence(gen, ["a cat", "a cat", "a dog"], ["", "", ""], [1, 2, 3])
+
+
+# --------------------------------------------------------------------------------------------
+# Speed switches: decoder, prompt embeddings, fused projections, attention, layout, compile
+# --------------------------------------------------------------------------------------------
+
+# Every switch off: the pipeline called with its prompts, as before the switches existed.
+PLAIN = dict(prompt_cache=0, fuse_qkv=False)
+# Templates repeat: rows 0 and 2 share a prompt and a negative.
+ROWS = (["a photo of a cat", "a dog on a hill", "a photo of a cat", "a frog"], ["blurry", "text", "blurry", "blurry"], [1, 2, 3, 4])
+
+
+@pytest.fixture(scope="module")
+def taesd(tmp_path_factory):
+    from synth.testkit import build_tiny_random_autoencoder_tiny
+
+    return str(build_tiny_random_autoencoder_tiny(tmp_path_factory.mktemp("taesd") / "taesd"))
+
+
+def check_switch(gen, plain_small=None):
+    """Valid images, each a function of its own row: alone, in a batch or in another batch order, the same
+    (within rounding); another seed, another image. Returns the batch's images."""
+    prompts, negatives, seeds = ROWS
+    batch = check_generator_batch_independence(gen, prompts, negatives, seeds)
+    again = gen.generate(prompts[::-1], negatives[::-1], seeds[::-1])
+    assert max_diff(again.small[::-1], batch.small) <= SAME, "deterministic per seed, whatever the batch order"
+    if plain_small is not None:
+        assert max_diff(batch.small, plain_small) <= SAME, "a speed switch only rounds differently"
+    return batch
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_defaults_make_the_plain_pipelines_bytes(models, guidance):
+    """The default-on switches (prompt cache, fused QKV projections) change no byte, small or full."""
+    from synth.diffusion import DiffusersGenerator
+
+    kw = dict(model=models["sd"], guidance_scale=guidance, keep_full_resolution=True)
+    plain = DiffusersGenerator(gen_config(**kw, **PLAIN), ["cat"])
+    fast = DiffusersGenerator(gen_config(**kw), ["cat"])
+    assert fast.embeddings is not None and plain.embeddings is None
+    for rows in (ROWS, ([ROWS[0][1]], [ROWS[1][1]], [7])):  # a batch with a repeated prompt, then a row alone
+        a, b = plain.generate(*rows), fast.generate(*rows)
+        assert np.array_equal(a.small, b.small) and np.array_equal(a.full, b.full)
+    assert_images(b, 1, full=True)
+
+
+def test_prompt_embeddings_are_encoded_once_and_reused_across_batches(models):
+    from synth.diffusion import DiffusersGenerator
+
+    gen = DiffusersGenerator(gen_config(model=models["sd"], guidance_scale=3.0), ["cat"])
+    prompts, negatives, seeds = ROWS
+    first = gen.generate(prompts, negatives, seeds)
+    # Unique texts once: 3 prompts and 2 negatives; the repeated prompt and negatives reused.
+    assert (gen.embeddings.encoded, gen.embeddings.reused) == (5, 3)
+    second = gen.generate(prompts, negatives, [5, 6, 7, 8])
+    assert (gen.embeddings.encoded, gen.embeddings.reused) == (5, 11), "a later batch encodes nothing"
+    assert max_diff(first.small, second.small) > 10, "new seeds, new images"
+    # A cache too small for one batch drops the oldest texts and still makes the same bytes.
+    small = DiffusersGenerator(gen_config(model=models["sd"], guidance_scale=3.0, prompt_cache=2), ["cat"])
+    for _ in range(2):
+        assert np.array_equal(small.generate(prompts, negatives, seeds).small, first.small)
+        assert len(small.embeddings.cache) == 2
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [dict(channels_last=True), dict(attention="classic", fuse_qkv=False), dict(fuse_qkv=False), dict(prompt_cache=0), dict(batch_size=1)],
+    ids=["channels_last", "classic-attention", "unfused", "no-prompt-cache", "batch-1"],
+)
+def test_each_speed_switch_makes_valid_deterministic_images(models, switch):
+    from synth.diffusion import DiffusersGenerator
+
+    plain = DiffusersGenerator(gen_config(model=models["sd"], **PLAIN), ["cat"]).generate(*ROWS)
+    check_switch(DiffusersGenerator(gen_config(model=models["sd"], **switch), ["cat"]), plain.small)
+
+
+def test_tiny_decoder_replaces_the_vae(models, taesd):
+    from diffusers import AutoencoderTiny
+
+    from synth.diffusion import DiffusersGenerator
+
+    plain = DiffusersGenerator(gen_config(model=models["sd"]), ["cat"]).generate(*ROWS)
+    gen = DiffusersGenerator(gen_config(model=models["sd"], decoder=taesd, keep_full_resolution=True, channels_last=True), ["cat"])
+    assert isinstance(gen.pipe.vae, AutoencoderTiny)
+    batch = check_switch(gen)
+    assert batch.full.shape == (4, H, W, 3)
+    assert max_diff(batch.small, plain.small) > 10, "another decoder, other pixels"
+
+
+def test_compiled_unet_and_decoder_make_the_same_images(models, monkeypatch):
+    """The compile switch's graphs, captured whole (fullgraph) and run through aot_eager: the
+    plumbing in seconds; the real compiler (inductor, minutes on a CPU) is the slow test below."""
+    import functools
+
+    import torch
+
+    from synth.diffusion import DiffusersGenerator
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    rows = tuple(r[:2] for r in ROWS)
+    plain = DiffusersGenerator(gen_config(model=models["sd"]), ["cat"]).generate(*rows)
+    gen = DiffusersGenerator(gen_config(model=models["sd"], compile=True), ["cat"])
+    assert np.array_equal(gen.generate(*rows).small, plain.small)
+    assert np.array_equal(gen.generate(*rows).small, plain.small)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_generator_makes_valid_images(models):
+    from synth.diffusion import DiffusersGenerator
+
+    plain = DiffusersGenerator(gen_config(model=models["sd"]), ["cat"]).generate(*ROWS)
+    check_switch(DiffusersGenerator(gen_config(model=models["sd"], compile=True), ["cat"]), plain.small)
+
+
+def test_speed_switches_leave_prior_and_unclip_models_alone(models):
+    """Switches of the UNet + VAE path are ignored by the other kinds (check_models refuses a decoder)."""
+    from synth.diffusion import DiffusersGenerator
+
+    for kw in (dict(model=models["decoder"], prior=models["prior"]), dict(model=models["unclip"])):
+        gen = DiffusersGenerator(gen_config(**kw, compile=True, attention="classic", fuse_qkv=False), ["cat"])
+        assert gen.embeddings is None
+        assert_images(gen.generate(["a cat", "a dog"], ["", ""], [1, 2]), 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,12 +395,13 @@ def config(tmp_path, *overrides):
     return load_config(REPO / "configs" / "smoke.yaml", [f"storage.root={tmp_path}", "run=t", *NO_DERIVE, *overrides])
 
 
-def test_check_models_accepts_working_combinations(models, tmp_path):
+def test_check_models_accepts_working_combinations(models, taesd, tmp_path):
     from synth.diffusion import check_models
 
     m = models
     good = [
         [f"generate.model={m['sd']}"],
+        [f"generate.model={m['sd']}", f"generate.decoder={taesd}"],
         [f"generate.model={m['unclip']}"],
         [f"generate.model={m['decoder']}", f"generate.prior={m['prior']}"],
         # derive inherits generate's pair: embedding variations and fusion
@@ -318,6 +441,10 @@ def test_check_models_accepts_working_combinations(models, tmp_path):
         (["generate.model={decoder}", "generate.prior={prior}", "derive.inpainting.count=1"],
          "derive.inpainting needs an inpainting pipeline, and derive.model=", "set derive.inpainting.model to"),
         (["generate.model={sd}/unet"], "is a folder without model_index.json", "save_pretrained"),
+        (["generate.model={sd}", "generate.decoder={sd}/vae"], "is not a tiny autoencoder: its config.json names AutoencoderKL", "madebyollin/taesd"),
+        (["generate.model={sd}", "generate.decoder={sd}"], "is a folder without config.json", "save_pretrained"),
+        (["generate.model={unclip}", "generate.decoder={sd}/vae"], "decodes with its own", "generate.decoder=null"),
+        (["generate.model={decoder}", "generate.prior={prior}", "generate.decoder={sd}/vae"], "decodes with its own", "generate.decoder=null"),
         (["generate.model=./no/such/folder"], "neither an existing folder nor a Hugging Face id", "stabilityai/sd-turbo"),
     ],
 )
@@ -359,7 +486,8 @@ def test_pipeline_class_name_reads_model_index(models):
 
 @pytest.mark.parametrize(
     "command, index",
-    [("tiny-sd-inpaint", "model_index.json"), ("tiny-kandinsky", "prior/model_index.json"), ("tiny-unclip", "model_index.json")],
+    [("tiny-sd-inpaint", "model_index.json"), ("tiny-kandinsky", "prior/model_index.json"), ("tiny-unclip", "model_index.json"),
+     ("tiny-taesd", "config.json")],  # fmt: skip
 )
 def test_testkit_commands_write_the_tiny_models(tmp_path, capsys, command, index):
     from synth.testkit import main

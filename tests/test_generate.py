@@ -61,12 +61,15 @@ def test_tiny_pipeline_run_is_complete_and_deterministic(tmp_path, tiny_sd, ray_
     from synth.generate import run_generate
 
     extra = (f"generate.model={tiny_sd}", "prompts.per_class=40", "generate.shard_size=32")
-    cfgs = [tiny_config(tmp_path / name, *extra) for name in "ab"]
+    # b: the same plan through an autoscaling pool (2 to 3 actors of 1 CPU each) and one writer at a time.
+    pool = ("generate.max_actors=3", "generate.cpus_per_actor=1", "generate.writer_concurrency=1")
+    cfgs = [tiny_config(tmp_path / "a", *extra), tiny_config(tmp_path / "b", *extra, *pool)]
     summaries = [run_generate(cfg) for cfg in cfgs]
     assert summaries[0]["images_generated"] == 240 and summaries[0]["shards_total"] == 8
+    assert summaries[0]["plan"] == summaries[1]["plan"], "pool settings are not part of the plan"
     manifest = assert_complete(Storage(str(tmp_path / "a")), 40)
     assert {r["width"] for r in manifest} == {32}
-    # Same config, same machine: byte-identical images.
+    # Same plan, same machine: byte-identical images, whichever actor (and prompt cache) made them.
     _, a = read_generated(Storage(str(tmp_path / "a")))
     _, b = read_generated(Storage(str(tmp_path / "b")))
     assert a == b
@@ -98,6 +101,22 @@ def test_class_aware_generator_draws_the_prompted_class(tmp_path, ray_local):
         mean = img.reshape(-1, 3).mean(0)
         nearest = int(np.argmin(np.linalg.norm(_PALETTE[: len(CLASSES)] * 0.8 - mean, axis=1)))
         assert nearest == r["label"], f"{r['id']} looks like class {nearest}"
+
+
+def test_plan_records_a_tiny_decoder_and_no_speed_switch(tmp_path):
+    """A tiny decoder changes the images: the plan names it. Switches that do not (or only round
+    differently, like batch_size) leave the plan, and so earlier runs' plans, as they were."""
+    from synth.generate import plan_for
+    from synth.prompts import build_prompt_table
+
+    cfg = tiny_config(tmp_path, "prompts.per_class=2")
+    plan = plan_for(cfg, build_prompt_table(cfg))
+    assert "decoder" not in plan
+    fast = tiny_config(tmp_path, "prompts.per_class=2", "generate.channels_last=true", "generate.compile=true",
+                       "generate.prompt_cache=0", "generate.max_actors=4", "generate.batch_size=3")  # fmt: skip
+    assert plan_for(fast, build_prompt_table(fast)) == plan
+    tiny = tiny_config(tmp_path, "prompts.per_class=2", "generate.decoder=madebyollin/taesd")
+    assert plan_for(tiny, build_prompt_table(tiny)) == {**plan, "decoder": "madebyollin/taesd"}
 
 
 def test_plan_change_is_refused(tmp_path, ray_local):
