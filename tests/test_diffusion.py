@@ -256,7 +256,9 @@ def test_compiled_unet_and_decoder_make_the_same_images(models, monkeypatch):
     assert np.array_equal(gen.generate(*rows).small, plain.small)
 
 
-@pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="inductor takes minutes on a CPU (128 s here); the "
+                    "aot_eager test above covers the switch, and benchmarks/bench_generate.py measures inductor")  # fmt: skip
 def test_inductor_compiled_generator_makes_valid_images(models):
     from synth.diffusion import DiffusersGenerator
 
