@@ -30,13 +30,17 @@ RAY_INTERNALS = re.compile(
 )
 
 
-def fresh_directory(tmp_path: Path) -> Path:
-    """A working directory holding what `make setup` leaves: configs/ and the .cache test models."""
-    from synth.testkit import build_tiny_random_clip, build_tiny_random_sd_pipeline, write_cifar10_fixture
+def fresh_directory(tmp_path: Path, tiny_sd: Path) -> Path:
+    """A working directory holding what `make setup` leaves: configs/ and the .cache test models.
+
+    ``tiny_sd`` is the session's tiny SD pipeline, the one `make setup` builds (same builder, same
+    seed): copied, not built again, since building it is most of the setup's time.
+    """
+    from synth.testkit import build_tiny_random_clip, write_cifar10_fixture
 
     work = tmp_path / "work"
     shutil.copytree(REPO / "configs", work / "configs")
-    build_tiny_random_sd_pipeline(work / ".cache" / "models" / "tiny-sd")
+    shutil.copytree(tiny_sd, work / ".cache" / "models" / "tiny-sd")
     build_tiny_random_clip(work / ".cache" / "models" / "tiny-clip")
     write_cifar10_fixture(work / ".cache" / "data" / "cifar10-fixture", per_class_train=40, per_class_test=10)
     return work
@@ -61,9 +65,9 @@ def check_tune_results(root: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_readme_first_command_from_a_fresh_directory(tmp_path):
+def test_readme_first_command_from_a_fresh_directory(tmp_path, tiny_sd):
     """`make smoke` runs `python -m ray_jobs.pipeline configs/smoke.yaml`: default root `outputs`, relative."""
-    work = fresh_directory(tmp_path)
+    work = fresh_directory(tmp_path, tiny_sd)
     repo_outputs_before = files_under(REPO / "outputs")
     result = run_job(work, "ray_jobs.pipeline", "configs/smoke.yaml")
     out = (result.stdout + result.stderr).splitlines()
@@ -92,9 +96,9 @@ def test_readme_first_command_from_a_fresh_directory(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_stage_job_alone_keeps_a_relative_root(tmp_path):
+def test_every_stage_job_alone_keeps_a_relative_root(tmp_path, tiny_sd):
     """Each stage as its own job, in order, with storage.root=runs/here (relative, not the default)."""
-    work = fresh_directory(tmp_path)
+    work = fresh_directory(tmp_path, tiny_sd)
     args = ["configs/smoke.yaml", "storage.root=runs/here", "generate.generator=synth.testkit:ClassAwareTestGenerator",
             "derive.generator=synth.testkit:ClassAwareTestDeriver"]  # fmt: skip
     for stage in ("prompts", "generate", "derive", "dataset", "train", "tune", "report"):
