@@ -214,17 +214,15 @@ def test_bad_parents_and_settings_are_refused_with_the_fix(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_derive_driver_then_rerun_leaves_each_child_once(tmp_path, fault_figures):
+def test_killed_derive_driver_then_rerun_leaves_each_child_once(tmp_path, ray_local, fault_figures):
     from synth.generate import run_generate
 
     args = [f"storage.root={tmp_path}", "run=d", f"generate.generator={CLASS_AWARE}", f"derive.generator={SLOW_DERIVER}",
             *NO_DERIVE, "prompts.per_class=4", "derive.variations.count=4", "generate.shard_size=4"]  # fmt: skip
     cfg = load_config(REPO / "configs" / "smoke.yaml", args)
     storage, layout = Storage(str(tmp_path)), Layout("d")
-    import ray
-
-    run_generate(cfg)  # the parents, in this process's own Ray instance
-    ray.shutdown()
+    # The parents, in the session's Ray instance (left running: shutting it down made the next test start another).
+    run_generate(cfg)
     cmd = [sys.executable, "-m", "ray_jobs.derive", str(REPO / "configs" / "smoke.yaml"), *args]
     driver = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180

@@ -234,39 +234,34 @@ def test_s3_outage_is_waited_out_and_a_long_one_ends_in_one_line(s3_server, faul
         "prompts.per_class=32", "generate.shard_size=8",
     ]  # fmt: skip
     layout = Layout("o")
-
-    # 1. ~9 s down mid-run: waited out, the job succeeds.
-    driver = job(*args)
-    assert wait_for(lambda: len(existing_shards(storage, layout)) >= 2, timeout=180), "no shard landed"
-    proxy.down()
-    down_at = len(existing_shards(storage, layout))
-    time.sleep(9)
-    proxy.up()
-    out, err = driver.communicate(timeout=300)
-    assert driver.returncode == 0, err[-2000:]
-    assert down_at < 24, "the outage must land mid-run"
     cfg = load_config(REPO / "configs" / "smoke.yaml", ["prompts.hostile_per_class=0", *args[:1], f"storage.s3_endpoint_url={s3_server}", *args[2:]])
-    figures = audit(cfg, storage)
-    fault_figures(outage_seconds=9, shards_before_outage=down_at, **figures)
-    assert clean(figures, 192), figures
 
-    # 2. Down for longer than storage.retry_seconds: one clear line, exit 2; the rerun resumes.
-    for key in storage.list(layout.generate_shards)[12:]:
-        storage.delete(key)
-    storage.delete(layout.generate_manifest)
-    driver = job(*args, "storage.retry_seconds=3")
-    assert wait_for(lambda: len(existing_shards(storage, layout)) >= 13, timeout=180)
+    # Two drivers, not three: the long outage's rerun is the run that waits out the short one.
+    # 1. Down mid-run for longer than storage.retry_seconds: one clear line, exit 2.
+    driver = job(*args, "storage.retry_seconds=1")
+    assert wait_for(lambda: len(existing_shards(storage, layout)) >= 2, timeout=180), "no shard landed"
     proxy.down()
     out, err = driver.communicate(timeout=300)
     proxy.up()
     lines = err.strip().splitlines()
     assert driver.returncode == 2 and len(lines) == 1, err[-3000:]
-    assert "kept failing for 3 s" in lines[0] and "rerun the same command" in lines[0]
+    assert "kept failing for 1 s" in lines[0] and "rerun the same command" in lines[0]
+    stored = len(existing_shards(storage, layout))
+    assert stored < 24, "the outage must land mid-run"
+
+    # 2. The rerun resumes, and ~9 s down mid-run (the default storage.retry_seconds) is waited out.
     rerun = job(*args)
-    rerun.communicate(timeout=300)
-    assert rerun.returncode == 0
+    assert wait_for(lambda: len(existing_shards(storage, layout)) > stored, timeout=180), "the rerun made no shard"
+    proxy.down()
+    down_at = len(existing_shards(storage, layout))
+    time.sleep(9)
+    proxy.up()
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-2000:]
+    assert down_at < 24, "the outage must land mid-run"
+    assert storage.read_json(layout.summary("generate"))["shards_already_stored"] >= stored, "the first run's shards are kept"
     figures = audit(cfg, storage)
-    fault_figures(long_outage="exit 2, one line", **figures)
+    fault_figures(long_outage="exit 2, one line", shards_before_long_outage=stored, outage_seconds=9, shards_before_outage=down_at, **figures)
     assert clean(figures, 192), figures
 
 

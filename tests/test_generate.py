@@ -156,9 +156,10 @@ def _settled_shard_count(storage: Storage, layout: Layout, quiet_seconds: float 
 
 @pytest.mark.slow
 def test_killed_driver_then_rerun_completes_exactly_once(tmp_path, tiny_sd, fault_figures):
+    # 24 shards of 2 images at the preset's 64 px, about a second each on a CPU: the kill follows the first 2.
     args = [
         f"storage.root={tmp_path}", "prompts.hostile_per_class=0", f"generate.model={tiny_sd}", "run=t", "prompts.per_class=8",
-        "generate.shard_size=2", "generate.height=256", "generate.width=256",
+        "generate.shard_size=2",
     ]  # fmt: skip
     storage, layout = Storage(str(tmp_path)), Layout("t")
     cmd = [sys.executable, "-m", "ray_jobs.generate", str(REPO / "configs" / "smoke.yaml"), *args]

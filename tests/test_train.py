@@ -527,9 +527,11 @@ def test_ablation_cells_leave_out_the_other_class(tmp_path):
 
 @pytest.fixture(scope="module")
 def ablation(root, ray_cluster):
+    # Batch 16: an ablation cell's 48 images make 3 steps an epoch, so 24 steps are 8 epochs (8 checkpoints
+    # and reports, each waiting on Ray Train's controller), not 24 as at batch 32.
     cfg = make_config(
         root, "ablation", "train.experiments=[real]", "train.ablation.techniques=[vanilla]", "train.ablation.curation=true",
-        "train.batch_size=32",
+        "train.batch_size=16",
     )  # fmt: skip
     storage = Storage.from_config(cfg.storage)
     write_dataset(storage, cfg.run, cfg.prompts.classes)
