@@ -347,7 +347,7 @@ def test_readme_commands_as_written(tmp_path):
     shutil.copytree(REPO / "configs", work / "configs")
     write_run(Storage(str(work / "outputs")))
     readme = (REPO / "README.md").read_text()
-    section = readme.split("## Review queue", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("\n## Review queue", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"^python -m ray_jobs\.review .*$", section, re.MULTILINE)
     assert len(commands) >= 4
     (work / "decisions.csv").write_text("id,decision,class\ncat-000000,reject,\ndog-000000,relabel,cat\n")
