@@ -24,15 +24,14 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from rss import peak_rss  # noqa: E402  (benchmarks/rss.py, beside this script)
 from synth.config import load_config  # noqa: E402
 from synth.storage import Storage  # noqa: E402
 
@@ -117,20 +116,11 @@ def child(args) -> None:
     """Run the curate stage once over a stored run (made by the parent) and print the driver's peak RSS."""
     from synth.curate import run_curate
 
-    stop, peak = threading.Event(), [0]
-
-    def sample() -> None:
-        proc = psutil.Process()
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.05)
-
-    threading.Thread(target=sample, daemon=True).start()
     cfg = load_config(REPO / "configs" / "base.yaml", [f"storage.root={args.child_root}", "run=bench",
                       "curate.scorer=synth.testkit:ColourTestScorer", f"curate.shard_size={args.shard_size}",
                       "curate.num_gpus_per_actor=0", "ray.local_num_cpus=2"])  # fmt: skip
-    summary = run_curate(cfg)
-    stop.set()
+    with peak_rss() as peak:
+        summary = run_curate(cfg)
     print(json.dumps({"driver_peak_rss_mib": round(peak[0] / 2**20, 1), "images": summary["scored"],
                       "scoring_wall_seconds": summary["scoring_wall_seconds"]}))  # fmt: skip
 

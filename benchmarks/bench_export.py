@@ -19,7 +19,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from rss import peak_rss  # noqa: E402  (benchmarks/rss.py, beside this script)
 from synth.config import load_config  # noqa: E402
 from synth.storage import Storage  # noqa: E402
 
@@ -49,21 +49,12 @@ def overrides(args, root: str) -> list[str]:
 
 def child(args) -> None:
     """Export the stored run once and print the driver's peak RSS and the stage's numbers."""
-    proc, peak, stop = psutil.Process(), [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.05)
-
-    threading.Thread(target=sample, daemon=True).start()
     from synth.export import run_export
 
-    start = time.perf_counter()
-    summary = run_export(load_config(None, overrides(args, args.root)))
-    wall = time.perf_counter() - start
-    stop.set()
-    peak[0] = max(peak[0], proc.memory_info().rss)
+    with peak_rss() as peak:
+        start = time.perf_counter()
+        summary = run_export(load_config(None, overrides(args, args.root)))
+        wall = time.perf_counter() - start
     print(json.dumps({
         "images": summary["images_total"], "mode": summary["mode"], "driver_peak_rss_mib": round(peak[0] / 2**20, 1),
         "images_per_second": summary["images_per_second"], "write_seconds": summary["write_seconds"],

@@ -43,18 +43,17 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from rss import peak_rss  # noqa: E402  (benchmarks/rss.py, beside this script)
 from synth.config import GenerateConfig, load_config  # noqa: E402
 from synth.generate import TextToImage, build_generator, shard_rows  # noqa: E402
 from synth.imagejob import ImageJob, run_ray_generation  # noqa: E402
@@ -436,21 +435,11 @@ def driver_peak_rss(images: int) -> float:
 def child_driver(images: int) -> None:
     from synth.generate import run_generate
 
-    stop, peak = threading.Event(), [0]
-
-    def sample() -> None:
-        proc = psutil.Process()
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.05)
-
-    threading.Thread(target=sample, daemon=True).start()
-    with tempfile.TemporaryDirectory() as tmp:
+    with peak_rss() as peak, tempfile.TemporaryDirectory() as tmp:
         over = ["generate.generator=synth.testkit:ClassAwareTestGenerator", f"prompts.per_class={images // len(CLASSES)}",
                 "prompts.hostile_per_class=0", "generate.shard_size=256", "generate.num_actors=2", "generate.num_gpus_per_actor=0",
                 f"storage.root={tmp}", "run=bench"]  # fmt: skip
         run_generate(load_config(REPO / "configs" / "base.yaml", NO_LLM + over))
-    stop.set()
     print(json.dumps({"driver_peak_rss_mib": peak[0] / 2**20}))
 
 
