@@ -104,7 +104,8 @@ def csrf_token() -> str:
 def _check_csrf() -> None:
     if request.method in ("GET", "HEAD", "OPTIONS"):
         return
-    sent = request.headers.get("X-CSRF-Token") or (request.form.get("csrf_token") if request.mimetype == "multipart/form-data" or request.mimetype == "application/x-www-form-urlencoded" else None)
+    form = request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded")
+    sent = request.headers.get("X-CSRF-Token") or (request.form.get("csrf_token") if form else None)
     expected = session.get("csrf")
     # As bytes: compare_digest refuses str holding non-ASCII (a forged header or field may hold any).
     if not sent or not expected or not hmac.compare_digest(str(sent).encode("utf-8", "replace"), str(expected).encode("utf-8", "replace")):
@@ -235,7 +236,7 @@ def api_csrf():
 @bp.get("/api/health")
 def api_health():
     gen = _ext("generation").queue
-    return jsonify(ok=True, storage=_ext("storage").uri(), queued=gen._jobs.qsize(), generated=gen.generated)
+    return jsonify(ok=True, storage=_ext("storage").uri(), queued=gen.queued, generated=gen.generated)
 
 
 @bp.get("/api/runs")

@@ -450,6 +450,11 @@ class GenerationQueue:
         self._seconds_per_job = 5.0  # until measured
         self.generated = 0
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the generator (the one it is drawing not counted)."""
+        return self._jobs.qsize()
+
     def _retry_after(self) -> int:
         return max(1, int(round(self._seconds_per_job * (self._jobs.qsize() + 1))))
 
