@@ -650,6 +650,7 @@ def run_curate(cfg: Config, storage: Optional[Storage] = None) -> dict:
         c = dataclasses.replace(c, model=check_clip_model(c.model))
     storage.check_writable()
     shards, plan = planned(cfg, storage)
+    claim_plan(storage, Layout(cfg.run), plan, STAGE)  # first: a driver with another plan must not touch config.yaml
     write_stage_config(storage, cfg, STAGE)
     # 2. Score exactly once.
     manifest, stats = run_scoring(cfg, storage, shards, plan, ScorerSpec(c, list(cfg.prompts.classes)))

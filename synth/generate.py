@@ -27,8 +27,8 @@ import pyarrow as pa
 from synth.config import Config, ConfigError, GenerateConfig
 from synth.images import GeneratedImages
 from synth.progress import say
-from synth.imagejob import ImageJob, cut_shards, import_class, run_image_job
-from synth.storage import Storage
+from synth.imagejob import ImageJob, claim_plan, cut_shards, import_class, run_image_job
+from synth.storage import Layout, Storage
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,7 @@ def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
         maker=TextToImage(gen_cfg, list(cfg.prompts.classes)),
         g=gen_cfg,
     )
+    claim_plan(storage, Layout(cfg.run), plan, "generate")  # first: a driver with another plan must not touch config.yaml
     write_stage_config(storage, cfg, "generate")
 
     # 2. The shared exactly-once job: check what is stored, make what is missing or bad, manifest.

@@ -4,9 +4,11 @@ A :class:`Storage` is rooted at a local folder or at ``s3://bucket/prefix``; eve
 speaks in keys relative to that root (``<run>/generate/shards/shard-00003.parquet``).
 
 Atomicity:
-- local: write to ``<key>.partial-<uuid>`` in the same folder, fsync, then ``os.replace``; an
-  interrupted write leaves only a ``.partial-`` file, which :meth:`Storage.remove_partials` deletes
-  and :meth:`Storage.list` never returns.
+- local: write to ``<key>.partial-<host>-<pid>-<uuid>`` in the same folder, fsync, then
+  ``os.replace``; an interrupted write leaves only a ``.partial-`` file, which
+  :meth:`Storage.list` never returns and :meth:`Storage.remove_partials` deletes once its writer
+  is gone (its process dead on this host, or the file untouched for an hour): a second driver
+  starting on the same run never deletes a write still in flight.
 - S3: a single ``PutObject`` is atomic (readers see the old object or the new one, never a part).
 
 Claims (:meth:`Storage.create`): write only if nothing is there, as one atomic step, so two
@@ -35,6 +37,7 @@ import json
 import logging
 import os
 import random
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -46,6 +49,9 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 PARTIAL_MARK = ".partial-"
+# A partial file whose writer runs on another host (a shared folder) is taken as abandoned once it
+# is this old: no single write of this system takes minutes, let alone an hour.
+PARTIAL_ABANDONED_SECONDS = 3600.0
 PROBE_PREFIX = ".synth-write-probe-"
 DEFAULT_RETRY_SECONDS = 120.0
 # In the message of every StorageError that gave up on a transient failure: what Ray Data's
@@ -232,7 +238,7 @@ class Storage:
 
     def _write_partial(self, path: Path, data: bytes) -> Path:
         """``data`` in a fsynced ``.partial-`` file beside ``path``; its name is returned."""
-        tmp = path.with_name(f"{path.name}{PARTIAL_MARK}{uuid.uuid4().hex}")
+        tmp = path.with_name(f"{path.name}{PARTIAL_MARK}{_writer_tag()}-{uuid.uuid4().hex}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
@@ -394,11 +400,26 @@ class Storage:
         os.replace(self._path(src), target)
 
     def remove_partials(self, prefix: str) -> int:
-        """Delete leftovers of interrupted local writes under ``prefix``; returns how many."""
-        stale = [k for k, _ in self._list_all(prefix) if PARTIAL_MARK in k.rsplit("/", 1)[-1]]
+        """Delete leftovers of interrupted local writes under ``prefix``; returns how many.
+
+        Only abandoned ones: a partial file whose writer is still alive (another driver or worker
+        on the same run, mid-write) is left alone, or that writer's rename would fail.
+        """
+        stale = [k for k, _ in self._list_all(prefix) if PARTIAL_MARK in k.rsplit("/", 1)[-1] and self._abandoned(k)]
         for key in stale:
             self.delete(key)
         return len(stale)
+
+    def _abandoned(self, key: str) -> bool:
+        """Whether the writer of the partial file ``key`` can no longer finish it."""
+        host, pid = _partial_writer(key)
+        if host == _HOST and pid is not None:
+            return not _process_alive(pid)
+        try:
+            age = time.time() - self._path(key).stat().st_mtime
+        except FileNotFoundError:  # its writer just finished (or gave up) after all
+            return False
+        return host is None or age > PARTIAL_ABANDONED_SECONDS
 
     def check_writable(self) -> None:
         """Fail fast, before any work, if the root cannot be written (bad folder, bucket or keys).
@@ -498,6 +519,35 @@ class _S3RangeFile(io.RawIOBase):
         buffer[: len(data)] = data
         self.pos += len(data)
         return len(data)
+
+
+_HOST = socket.gethostname().replace("/", "_") or "host"
+
+
+def _writer_tag() -> str:
+    """Who writes a partial file: ``<host>-<pid>``, so a later driver can tell a live write from a dead one."""
+    return f"{_HOST}-{os.getpid()}"
+
+
+def _partial_writer(key: str) -> tuple[Optional[str], Optional[int]]:
+    """``(host, pid)`` from a partial file's name, or ``(None, None)`` for a name without them."""
+    tail = key.rsplit("/", 1)[-1].split(PARTIAL_MARK, 1)[-1]
+    parts = tail.rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None, None
+    return parts[0], int(parts[1])
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _json_bytes(obj: Any) -> bytes:

@@ -18,6 +18,7 @@ import time
 
 import pyarrow as pa
 import pytest
+import yaml
 
 from chaos import TcpProxy, wait_for
 from conftest import REPO, make_bucket, ray_processes
@@ -213,6 +214,9 @@ def test_two_drivers_with_different_plans_never_mix(tmp_path, s3_server, where, 
     winner = load_config(REPO / "configs" / "smoke.yaml", ["prompts.hostile_per_class=0", *common, f"generate.steps={1 + codes.index(0)}"])
     plan = storage.read_parquet(Layout("race").generate_manifest).schema.metadata[META_PLAN].decode()
     assert storage.read_json(Layout("race").summary("generate"))["plan_sha256"] == plan
+    # The stage's config.yaml is the winner's: the loser stopped at the claim, before writing anything.
+    stored_config = yaml.safe_load(storage.read_bytes(Layout("race").config_file("generate")))
+    assert stored_config["generate"]["steps"] == winner.generate.steps, stored_config["generate"]
     figures = audit(winner, storage)
     fault_figures(where=where, **figures)
     assert clean(figures, 48), figures

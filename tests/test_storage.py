@@ -1,7 +1,10 @@
+import os
+import time
+
 import pyarrow as pa
 import pytest
-
 from conftest import make_bucket
+
 from synth.storage import PARTIAL_MARK, Storage, StorageError
 
 
@@ -38,6 +41,39 @@ def test_partial_local_writes_are_invisible_and_removable(tmp_path):
     assert storage.list("run/s") == ["run/s/shard-00000.parquet"]
     assert storage.remove_partials("run") == 1
     assert sorted(p.name for p in (tmp_path / "run/s").iterdir()) == ["shard-00000.parquet"]
+
+
+def test_remove_partials_spares_a_write_still_in_flight(tmp_path):
+    """A second driver starting on a run deletes only partial files whose writer is gone: a live
+    writer's rename must not fail under it (the race two drivers on one run used to lose)."""
+    import socket
+    import subprocess
+    import sys
+
+    storage = Storage(str(tmp_path))
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = tmp_path / "run/s"
+    folder.mkdir(parents=True)
+    names = {
+        "live": f"a.parquet{PARTIAL_MARK}{host}-{os.getpid()}-0f",
+        "dead": f"b.parquet{PARTIAL_MARK}{host}-{dead.pid}-0f",
+        "elsewhere_fresh": f"c.parquet{PARTIAL_MARK}other-host-7-0f",
+        "elsewhere_old": f"d.parquet{PARTIAL_MARK}other-host-7-0f",
+    }
+    for name in names.values():
+        (folder / name).write_bytes(b"half")
+    old = time.time() - 2 * 3600
+    os.utime(folder / names["elsewhere_old"], (old, old))
+    assert storage.remove_partials("run") == 2
+    assert sorted(p.name for p in folder.iterdir()) == sorted([names["live"], names["elsewhere_fresh"]])
+    # A real write of this process, caught between its fsync and its rename by another driver's remove.
+    target = folder / "e.parquet"
+    tmp = storage._write_partial(target, b"whole")
+    storage.remove_partials("run")
+    os.replace(tmp, target)
+    assert storage.read_bytes("run/s/e.parquet") == b"whole"
 
 
 def test_storage_is_picklable_without_a_client(s3_server):
