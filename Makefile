@@ -25,7 +25,7 @@ smoke: setup
 	$(PY) -m ray_jobs.pipeline configs/smoke.yaml
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30
 
 # The web app on the smoke run's outputs (after `make smoke`): http://127.0.0.1:5000
 web: setup

@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 from synth.config import HOSTILE, Config, ConfigError, CurateConfig, class_slug
 from synth.imagejob import (
     IMAGE_STAGES, MAX_PASSES, PRESENT, WRITTEN, _refuse_foreign, _status_of_stored, build_manifest, claim_plan, cut_shards,
-    import_class, scan_shards, shard_pool,
+    import_class, rows_as_they_land, scan_shards, shard_pool,
 )  # fmt: skip
 from synth.progress import plural, rate, say
 from synth.shards import META_CONTENT, META_PLAN, META_SHARD, check_shard, content_sha256, plan_sha256
@@ -394,7 +394,7 @@ def _score_with_ray(storage: Storage, cfg: Config, spec: ScorerSpec, plans: dict
     ``plans``: each image stage's plan hash, to check the shards the images are read from."""
     c = cfg.curate
     args = (spec, storage, cfg.run, plans, plan, c.batch_size)
-    return shard_pool(todo, ShardScorer, args, c.num_actors, c.num_gpus_per_actor).iter_rows()
+    return rows_as_they_land(shard_pool(todo, ShardScorer, args, c.num_actors, c.num_gpus_per_actor))
 
 
 def run_scoring(cfg: Config, storage: Storage, shards: list[list[dict]], plan: dict, spec: ScorerSpec) -> tuple[pa.Table, dict]:

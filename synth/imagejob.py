@@ -285,8 +285,15 @@ def run_ray_generation(storage: Storage, job: ImageJob, todo: list[tuple[int, li
         num_cpus=0.5,
         concurrency=g.writer_concurrency,  # None: as many tasks as Ray Data schedules
     )
-    # Not iter_rows: it prefetches a block, so a shard's row would come only once the next shard is
-    # written too, and progress and timings would lag a shard behind.
+    yield from rows_as_they_land(ds)
+
+
+def rows_as_they_land(ds) -> Iterator[dict]:
+    """A Ray Dataset's rows, each as soon as its block is done.
+
+    Not ``iter_rows``: it prefetches a block, so a shard's row would come only once the next shard
+    is done too, and progress and timings would lag a shard behind.
+    """
     for batch in ds.iter_batches(batch_size=None, prefetch_batches=0):
         yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
 
