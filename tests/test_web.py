@@ -301,7 +301,7 @@ def test_names_csrf_and_errors_are_clear_4xx(web_run):
     for path in ["/api/runs/..", "/api/runs/%2e%2e", "/api/runs/a%2Fb", "/api/runs/.hidden", f"/api/runs/{WEB_RUN}/samples?domain=../x",
                  f"/api/runs/{WEB_RUN}/samples?split=secret", f"/api/runs/{WEB_RUN}/samples?limit=-1", f"/api/runs/{WEB_RUN}/samples?offset=x",
                  f"/api/runs/{WEB_RUN}/dataset/synthetic/train/..%2F..%2Fx.png", f"/api/runs/{WEB_RUN}/generated/nope.png",
-                 f"/api/runs/{WEB_RUN}/review/queue?order=random", "/runs/nope/review", "/runs/nope/report", "/nowhere"]:  # fmt: skip
+                 f"/api/runs/{WEB_RUN}/review/queue?order=random", "/api/runs//samples", f"/api/runs/{WEB_RUN}//samples", "/runs/nope/review", "/runs/nope/report", "/nowhere"]:  # fmt: skip
         r = client.get(path)
         assert 400 <= r.status_code < 500, (path, r.status_code)
         if path.startswith("/api/"):

@@ -61,6 +61,9 @@ def create_app(config: "str | Path | Config | None" = None, overrides: Sequence[
         overrides = [*shlex.split(os.environ.get("SYNTH_OVERRIDES", "")), *overrides]
     cfg = config if isinstance(config, Config) else load_config(config, list(overrides))
     app = Flask(__name__)
+    # An empty path segment ("/api/runs//samples") is a 404 with the usual JSON or page, not
+    # Werkzeug's HTML redirect to the merged path, which named nothing a client could act on.
+    app.url_map.merge_slashes = False
     key = secret_key or os.environ.get("SYNTH_SECRET_KEY")
     if not key:
         log.warning("web: SYNTH_SECRET_KEY is unset; sessions (and their CSRF tokens) last as long as this process")
