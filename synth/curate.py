@@ -398,11 +398,13 @@ def _score_with_ray(storage: Storage, cfg: Config, spec: ScorerSpec, plans: dict
 
 
 def run_scoring(cfg: Config, storage: Storage, shards: list[list[dict]], plan: dict, spec: ScorerSpec) -> tuple[pa.Table, dict]:
-    """Claim the plan, check stored score shards, score what is missing or bad, check again; the manifest and stats."""
-    from synth.runtime import init_ray
+    """Claim the plan, record the stage's config, check stored score shards, score what is missing
+    or bad, check again; the manifest and stats."""
+    from synth.runtime import init_ray, write_stage_config
 
     layout = Layout(cfg.run)
     claim_plan(storage, layout, plan, STAGE)
+    write_stage_config(storage, cfg, STAGE)  # after the claim: a driver with another plan stops before touching it
     plan_hash = plan_sha256(plan)
     removed = storage.remove_partials(layout.stage(STAGE))
     ids = [[r["id"] for r in rows] for rows in shards]
@@ -639,7 +641,7 @@ def curate_scores(cfg: Config, storage: Storage, manifest: pa.Table) -> dict:
 
 def run_curate(cfg: Config, storage: Optional[Storage] = None) -> dict:
     """Run (or resume) the curate stage: score every synthetic image once, filter, write scores and summary."""
-    from synth.runtime import write_stage_config, write_stage_summary
+    from synth.runtime import write_stage_summary
 
     start = time.perf_counter()
     storage = storage or Storage.from_config(cfg.storage)
@@ -650,8 +652,6 @@ def run_curate(cfg: Config, storage: Optional[Storage] = None) -> dict:
         c = dataclasses.replace(c, model=check_clip_model(c.model))
     storage.check_writable()
     shards, plan = planned(cfg, storage)
-    claim_plan(storage, Layout(cfg.run), plan, STAGE)  # first: a driver with another plan must not touch config.yaml
-    write_stage_config(storage, cfg, STAGE)
     # 2. Score exactly once.
     manifest, stats = run_scoring(cfg, storage, shards, plan, ScorerSpec(c, list(cfg.prompts.classes)))
     del shards

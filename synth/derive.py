@@ -48,7 +48,7 @@ import pyarrow.compute as pc
 
 from synth.config import HOSTILE, Config, ConfigError, DeriveConfig, GenerateConfig, derive_enabled, class_slug
 from synth.images import GeneratedImages, decode_png, encode_png
-from synth.imagejob import ImageJob, claim_plan, cut_shards, import_class, run_image_job
+from synth.imagejob import ImageJob, cut_shards, import_class, run_image_job
 from synth.progress import plural, say
 from synth.prompts import derive_seed
 from synth.shards import META_PLAN, check_shard
@@ -444,7 +444,7 @@ class FromParents:
 
 def run_derive(cfg: Config, storage: Optional[Storage] = None) -> dict:
     """Run (or resume) the derive stage; returns the summary that is also stored."""
-    from synth.runtime import write_stage_config, write_stage_summary
+    from synth.runtime import write_stage_summary
 
     start = time.perf_counter()
     storage = storage or Storage.from_config(cfg.storage)
@@ -496,11 +496,9 @@ def run_derive(cfg: Config, storage: Optional[Storage] = None) -> dict:
         maker=FromParents(d_resolved, cfg.generate, list(cfg.prompts.classes), storage, cfg.run),
         g=cfg.generate,
     )
-    claim_plan(storage, layout, plan, "derive")  # first: a driver with another plan must not touch config.yaml
-    write_stage_config(storage, cfg, "derive")
 
     # 2. The shared exactly-once job.
-    result = run_image_job(storage, cfg.ray, job)
+    result = run_image_job(storage, cfg, job)
     manifest, stats = result.manifest, result.stats
     techniques = Counter(manifest.column("technique").to_pylist())
     per_class = Counter(manifest.column("class_name").to_pylist())

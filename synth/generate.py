@@ -27,8 +27,8 @@ import pyarrow as pa
 from synth.config import Config, ConfigError, GenerateConfig
 from synth.images import GeneratedImages
 from synth.progress import say
-from synth.imagejob import ImageJob, claim_plan, cut_shards, import_class, run_image_job
-from synth.storage import Layout, Storage
+from synth.imagejob import ImageJob, cut_shards, import_class, run_image_job
+from synth.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def takes_guidance(generator: type) -> bool:
 def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
     """Run (or resume) the generate stage; returns the summary that is also stored."""
     from synth.prompts import ensure_prompt_table
-    from synth.runtime import write_stage_config, write_stage_summary
+    from synth.runtime import write_stage_summary
 
     start = time.perf_counter()
     storage = storage or Storage.from_config(cfg.storage)
@@ -231,11 +231,9 @@ def run_generate(cfg: Config, storage: Optional[Storage] = None) -> dict:
         maker=TextToImage(gen_cfg, list(cfg.prompts.classes)),
         g=gen_cfg,
     )
-    claim_plan(storage, Layout(cfg.run), plan, "generate")  # first: a driver with another plan must not touch config.yaml
-    write_stage_config(storage, cfg, "generate")
 
     # 2. The shared exactly-once job: check what is stored, make what is missing or bad, manifest.
-    result = run_image_job(storage, cfg.ray, job)
+    result = run_image_job(storage, cfg, job)
     manifest, stats = result.manifest, result.stats
     per_class = {c: int(n) for c, n in zip(*np.unique(manifest.column("class_name").to_numpy(zero_copy_only=False), return_counts=True))}
     summary = {"images_total": stats["images_total"], "images_per_class": per_class, **stats}

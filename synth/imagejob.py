@@ -40,7 +40,7 @@ from typing import Callable, Iterator, Optional, Protocol, Sequence
 import numpy as np
 import pyarrow as pa
 
-from synth.config import ConfigError, GenerateConfig, RayConfig, class_slug
+from synth.config import Config, ConfigError, GenerateConfig, class_slug
 from synth.images import GeneratedImages, encode_png
 from synth.progress import plural, rate, say
 from synth.shards import MANIFEST_COLUMNS, META_PLAN, SHARD_COLUMNS, check_shard, plan_sha256, shard_number, shard_table
@@ -416,12 +416,14 @@ def build_manifest(scan: ShardScan, expected_ids: Sequence[str], plan: str) -> p
     return manifest.replace_schema_metadata({META_PLAN: plan.encode()})
 
 
-def run_image_job(storage: Storage, ray_cfg: RayConfig, job: ImageJob) -> JobResult:
-    """Claim the plan, check what is stored, make what is missing or bad, check again, write the manifest."""
-    from synth.runtime import init_ray
+def run_image_job(storage: Storage, cfg: Config, job: ImageJob) -> JobResult:
+    """Claim the plan, record the stage's config, check what is stored, make what is missing or bad,
+    check again, write the manifest."""
+    from synth.runtime import init_ray, write_stage_config
 
     stage, layout = job.stage, Layout(job.run)
     claim_plan(storage, layout, job.plan, stage)
+    write_stage_config(storage, cfg, stage)  # after the claim: a driver with another plan stops before touching it
     plan_hash = plan_sha256(job.plan)
     removed = storage.remove_partials(layout.stage(stage))
 
@@ -455,7 +457,7 @@ def run_image_job(storage: Storage, ray_cfg: RayConfig, job: ImageJob) -> JobRes
                 "missing or bad: something else deletes or overwrites them. Fix: stop whatever writes there, then rerun"
             )
         tick = time.perf_counter()
-        init_ray(ray_cfg)  # joins once; a later pass finds Ray up
+        init_ray(cfg.ray)  # joins once; a later pass finds Ray up
         results += _make_with_progress(storage, job, todo, plan_hash)
         gen_seconds += time.perf_counter() - tick
         scan = scan_shards(storage, layout, ids, plan_hash, known=scan, stage=stage)

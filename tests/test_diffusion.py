@@ -13,18 +13,14 @@ import json
 import numpy as np
 import pytest
 
-from conftest import REPO, synth_imports, torch_threads
+from conftest import REPO, synth_imports
 from synth.config import ConfigError, DeriveConfig, FusionConfig, GenerateConfig, InpaintingConfig, VariationsConfig, load_config
 
 H = W = 64  # render size: the tiny models' native 64x64
 SMALL = 16  # stored size
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on one torch thread (see conftest.torch_threads)."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models (conftest.torch_threads)
 
 
 @pytest.fixture(scope="module")

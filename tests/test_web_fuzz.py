@@ -29,12 +29,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import WEB_RUN, app_for, client_with_token, copy_of_run, png_bytes, torch_threads
+from conftest import WEB_RUN, app_for, client_with_token, copy_of_run, png_bytes
 
 SEED = 20261129
 MODEL = f"{WEB_RUN}/train-synthetic/seed-0"
 CLASSES = ("bird", "cat", "deer", "dog", "frog", "horse")  # the smoke preset's
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the campaign classifies hundreds of files (conftest.torch_threads)
 
 # Names no route or name field may accept (check_name refuses each), as the server decodes them.
 HOSTILE = [
@@ -382,13 +383,6 @@ def multipart(parts: list[tuple[bytes, Optional[bytes], bytes]], boundary: str =
 # --------------------------------------------------------------------------------------------
 # The campaign
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Classify on one torch thread: the campaign classifies hundreds of files (see conftest.torch_threads)."""
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")
